@@ -1,0 +1,169 @@
+"""Command line: `alignloop <command> [--config FILE.yaml] [--section.key VALUE ...]`.
+
+Every training command takes its dataclass config: defaults, then a YAML file, then dotted
+overrides. `alignloop <command> --help` lists every key with its default and meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from alignloop.config import ConfigError, GenConfig, describe, load_config
+
+log = logging.getLogger("alignloop")
+
+
+def _config_epilog(cls: type) -> str:
+    rows = describe(cls)
+    width = max(len(key) for key, _, _ in rows) + 2
+    lines = ["config keys (override with --KEY VALUE; defaults in brackets):"]
+    for key, default, doc in rows:
+        lines.append(f"  {key:<{width}}{doc} [{default}]")
+    return "\n".join(lines)
+
+
+def _add_command(
+    sub: argparse._SubParsersAction, name: str, summary: str, config_cls: type | None
+) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        name,
+        help=summary,
+        description=summary,
+        epilog=_config_epilog(config_cls) if config_cls else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if config_cls is not None:
+        parser.add_argument("--config", type=Path, help="YAML file overriding the defaults")
+    return parser
+
+
+def _fmt_row(label: str, values: dict[str, float]) -> str:
+    cells = [f"{100 * values.get(k, float('nan')):6.1f}" for k in ("well_formed", "helpful", "honest", "harmless", "overall")]
+    return f"{label:<22}" + "".join(f"{c:>12}" for c in cells)
+
+
+def _print_eval_table(title: str, columns: list[tuple[str, Any]]) -> None:
+    print(f"\n{title}")
+    print(f"{'':<22}" + "".join(f"{h:>12}" for h in ("well-formed%", "helpful", "honest", "harmless", "overall")))
+    for label, ev in columns:
+        print(_fmt_row(label, ev.means))
+        for kind, means in ev.by_kind.items():
+            print(_fmt_row(f"  {kind} (n={int(means['n'])})", means))
+
+
+def _short(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def cmd_quickstart(args: argparse.Namespace, overrides: list[str]) -> int:
+    from alignloop import quickstart
+
+    cfg = load_config(quickstart.QuickstartConfig, args.config, overrides)
+    result = quickstart.run(cfg)
+    print(f"\nSFT: {result.sft.steps} steps in {result.sft_seconds:.0f} s, final eval loss {result.sft.final_eval_loss:.3f}")
+    print(f"good demonstrations in the SFT data: {100 * result.good_demo_share:.1f}%")
+    _print_eval_table("gold judge on held-out prompts (greedy), in %:", [("before SFT", result.before), ("after SFT", result.after)])
+    print("\nsamples (gold overall score in brackets):")
+    seen: set[str] = set()
+    for (prompt, before, b_score), (_, after, a_score) in zip(result.before.rows, result.after.rows, strict=True):
+        kind = str(prompt.meta.get("kind"))
+        if kind in seen:
+            continue
+        seen.add(kind)
+        print(f"  [{kind}] user: {_short(prompt.messages[-1]['content'], 70)}")
+        print(f"      before [{b_score.overall:.2f}]: {_short(before)}")
+        print(f"      after  [{a_score.overall:.2f}]: {_short(after)}")
+    print(f"\nrun directory: {cfg.out_dir} (final model: {result.sft.final_dir})")
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> int:
+    from alignloop.train import sft
+
+    cfg = load_config(sft.SFTConfig, args.config, overrides)
+    result = sft.train(cfg)
+    print(json.dumps({"run_dir": str(result.run_dir), "final": str(result.final_dir), "steps": result.steps, **result.metrics}))
+    return 0
+
+
+def cmd_sandbox(args: argparse.Namespace, overrides: list[str]) -> int:
+    from alignloop.sandbox import SandboxConfig, build_world, write_world
+
+    cfg = load_config(SandboxConfig, args.config, overrides)
+    paths = write_world(build_world(cfg), args.out)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
+    from alignloop.data import encode_prompt, load_records
+    from alignloop.generation import decode_responses, generate
+    from alignloop.models import load_causal_lm, load_tokenizer
+
+    gen = load_config(GenConfig, args.config, overrides)
+    if args.prompts_file:
+        prompts = [p.messages for p in load_records(str(args.prompts_file), "prompt")]
+    elif args.prompt:
+        prompts = [[{"role": "user", "content": text}] for text in args.prompt]
+    else:
+        raise ConfigError("give --prompt TEXT (repeatable) or --prompts-file FILE")
+    model = load_causal_lm(str(args.model), dtype=args.dtype)
+    tokenizer = load_tokenizer(str(args.model))
+    rollout = generate(model, tokenizer, [encode_prompt(p, tokenizer) for p in prompts], gen, seed=args.seed)
+    for idx, text in zip(rollout.prompt_index.tolist(), decode_responses(rollout, tokenizer), strict=True):
+        print(json.dumps({"prompt": prompts[idx][-1]["content"], "response": text}, ensure_ascii=False))
+    return 0
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace, list[str]], int]]]:
+    from alignloop.quickstart import QuickstartConfig
+    from alignloop.sandbox import SandboxConfig
+    from alignloop.train.sft import SFTConfig
+
+    parser = argparse.ArgumentParser(prog="alignloop", description="Align language models with human feedback.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_command(sub, "quickstart", "The main job on the embedded sandbox: world, tokenizer, tiny model, SFT, before/after table.", QuickstartConfig)
+    _add_command(sub, "sft", "Supervised fine-tuning on demonstrations (prompt-masked NLL).", SFTConfig)
+    p = _add_command(sub, "sandbox", "Build the sandbox world's data files (demonstrations, prompts, facts).", SandboxConfig)
+    p.add_argument("--out", type=Path, required=True, help="folder to write the world into")
+    p = _add_command(sub, "generate", "Sample responses from a saved model folder.", GenConfig)
+    p.add_argument("model", type=Path, help="a Hugging Face model folder (e.g. runs/quickstart/sft/final)")
+    p.add_argument("--prompt", action="append", help="a user message (repeatable)")
+    p.add_argument("--prompts-file", type=Path, help="prompt records (JSONL/JSON/CSV/Parquet)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    handlers = {"quickstart": cmd_quickstart, "sft": cmd_sft, "sandbox": cmd_sandbox, "generate": cmd_generate}
+    return parser, handlers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, handlers = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return handlers[args.command](args, overrides)
+    except ConfigError as err:
+        print(f"alignloop {args.command}: config error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        if type(err).__name__ == "DataError":
+            print(f"alignloop {args.command}: data error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

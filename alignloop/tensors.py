@@ -1,0 +1,66 @@
+"""Pure tensor helpers shared by the losses and trainers (torch only)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def exact_div(a: int, b: int, what: str = "") -> int:
+    """a / b as an int, or a ValueError when b does not divide a (derived sizes must be exact)."""
+    if b <= 0 or a % b != 0:
+        raise ValueError(f"{what or 'value'}: {a} is not divisible by {b}")
+    return a // b
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """Log-probability of `tokens` under `logits`: (B, T, V), (B, T) -> (B, T).
+
+    Gathers the token logit and subtracts the logsumexp, in chunks of rows, so no full-vocabulary
+    float32 log_softmax copy of the whole batch is ever materialised.
+    """
+    flat_logits = logits.reshape(-1, logits.shape[-1])  # (B*T, V)
+    flat_tokens = tokens.reshape(-1)  # (B*T,)
+    out = torch.empty(flat_tokens.shape, dtype=torch.float32, device=logits.device)
+    for start in range(0, flat_tokens.shape[0], chunk_size):
+        rows = flat_logits[start : start + chunk_size].float()  # (C, V)
+        picked = rows.gather(-1, flat_tokens[start : start + chunk_size, None]).squeeze(-1)  # (C,)
+        out[start : start + chunk_size] = picked - torch.logsumexp(rows, dim=-1)
+    return out.view(tokens.shape)
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of `values` where `mask` is true (mask broadcastable to values)."""
+    return (values * mask).sum()
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over positions where `mask` is true; 0 when the mask is empty."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of `values` over masked positions (Bessel-corrected by default)."""
+    mask = mask.to(values.dtype)
+    mean = masked_mean(values, mask)
+    count = mask.sum()
+    var = (((values - mean) ** 2) * mask).sum() / count.clamp(min=1)
+    if unbiased:
+        var = var * count / (count - 1).clamp(min=1)
+    return var
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(values - mean) / std over masked positions; masked-out positions are left as 0."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(values.dtype)
+
+
+def first_true_index(mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Index of the first True along `dim`, or the size of `dim` when there is none: (B, T) -> (B,)."""
+    size = mask.shape[dim]
+    positions = torch.arange(size, device=mask.device).expand_as(mask)
+    return torch.where(mask, positions, torch.full_like(positions, size)).min(dim=dim).values

@@ -1,0 +1,1 @@
+"""One module per algorithm, each a readable `train(cfg)`."""
