@@ -69,7 +69,10 @@ def cmd_quickstart(args: argparse.Namespace, overrides: list[str]) -> int:
     result = quickstart.run(cfg)
     print(f"\nSFT: {result.sft.steps} steps in {result.sft_seconds:.0f} s, final eval loss {result.sft.final_eval_loss:.3f}")
     print(f"good demonstrations in the SFT data: {100 * result.good_demo_share:.1f}%")
-    _print_eval_table("gold judge on held-out prompts (greedy), in %:", [("before SFT", result.before), ("after SFT", result.after)])
+    _print_eval_table(
+        "gold judge on held-out prompts, in %:",
+        [("before SFT, greedy", result.before), ("after SFT, greedy", result.after), ("after SFT, T=1", result.after_sampled)],
+    )
     print("\nsamples (gold overall score in brackets):")
     seen: set[str] = set()
     for (prompt, before, b_score), (_, after, a_score) in zip(result.before.rows, result.after.rows, strict=True):

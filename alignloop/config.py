@@ -88,7 +88,7 @@ class ModelConfig:
 class OptimConfig:
     """AdamW with warmup and a decay schedule."""
 
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak learning rate."""
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW)."""
@@ -202,6 +202,12 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected a mapping of fields, got {value!r}")
         return _build(tp, value, prefix=f"{key}.")
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-4" (no dot) as a string; accept numeric literals for float fields only.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a float, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a float, got {value!r}")
         return float(value)

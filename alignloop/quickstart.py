@@ -31,7 +31,10 @@ class QuickstartConfig:
     eval_prompts: int = 300
     """Held-out prompts scored before and after (greedy)."""
     gen: GenConfig = field(default_factory=lambda: GenConfig(temperature=0.0, max_new_tokens=48))
-    """Decoding for the before/after comparison."""
+    """Greedy decoding: shows the model's most likely behaviour (and whether its output is well formed)."""
+    sample_gen: GenConfig = field(default_factory=lambda: GenConfig(temperature=1.0, max_new_tokens=48))
+    """Sampling at temperature 1: shows the learned distribution, whose gold score should track the
+    share of good demonstrations (SFT imitates its data, good and bad alike)."""
 
     def resolve(self) -> None:
         """Point SFT at the world's files and the run directory."""
@@ -48,6 +51,7 @@ class QuickstartResult:
 
     before: PolicyEval
     after: PolicyEval
+    after_sampled: PolicyEval
     good_demo_share: float
     sft_seconds: float
     sft: sft.SFTResult
@@ -82,6 +86,7 @@ def run(cfg: QuickstartConfig) -> QuickstartResult:
     seconds = time.perf_counter() - t0
 
     # 4. the trained model, loaded back from its Hugging Face folder
-    trained = load_causal_lm(str(result.final_dir))
-    after = evaluate_policy(trained, load_tokenizer(str(result.final_dir)), prompts, judge.score, cfg.gen, seed=cfg.sft.run.seed)
-    return QuickstartResult(before, after, good_share, seconds, result)
+    trained, tokenizer = load_causal_lm(str(result.final_dir)), load_tokenizer(str(result.final_dir))
+    after = evaluate_policy(trained, tokenizer, prompts, judge.score, cfg.gen, seed=cfg.sft.run.seed)
+    sampled = evaluate_policy(trained, tokenizer, prompts, judge.score, cfg.sample_gen, seed=cfg.sft.run.seed)
+    return QuickstartResult(before, after, sampled, good_share, seconds, result)

@@ -8,7 +8,16 @@ import typing
 import pytest
 import yaml
 
-from alignloop.config import ConfigError, GenConfig, OptimConfig, describe, field_docs, load_config, parse_overrides, save_config
+from alignloop.config import (
+    ConfigError,
+    GenConfig,
+    OptimConfig,
+    describe,
+    field_docs,
+    load_config,
+    parse_overrides,
+    save_config,
+)
 from alignloop.train.sft import SFTConfig
 
 

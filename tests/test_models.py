@@ -21,7 +21,7 @@ def tokenizer():
 def test_tokenizer_has_specials_and_template(tokenizer):
     assert tokenizer.pad_token == "<|pad|>" and tokenizer.eos_token == "<|eos|>"
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
-    assert "<|assistant|>" in tokenizer.additional_special_tokens
+    assert "<|assistant|>" in tokenizer.all_special_tokens
     assert tokenizer.chat_template
     text = "the red cat sat"
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text

@@ -73,11 +73,11 @@ class SFTConfig:
     """Optimizer and schedule."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run directory, logging, checkpoints."""
-    micro_batch_size: int = 32
+    micro_batch_size: int = 64
     """Examples per forward/backward on one process."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step on one process."""
-    epochs: float = 3.0
+    epochs: float = 4.0
     """Passes over the training data (fractional allowed); ignored when `max_steps` > 0."""
     max_steps: int = 0
     """Optimizer steps to run; 0 derives it from `epochs`."""
