@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -66,7 +67,12 @@ def cmd_quickstart(args: argparse.Namespace, overrides: list[str]) -> int:
     from alignloop import quickstart
 
     cfg = load_config(quickstart.QuickstartConfig, args.config, overrides)
-    result = quickstart.run(cfg)
+    print_quickstart(quickstart.run(cfg), cfg.out_dir)
+    return 0
+
+
+def print_quickstart(result: Any, out_dir: str) -> None:
+    """The main job's before/after table and one sample per prompt kind."""
     print(f"\nSFT: {result.sft.steps} steps in {result.sft_seconds:.0f} s, final eval loss {result.sft.final_eval_loss:.3f}")
     print(f"good demonstrations in the SFT data: {100 * result.good_demo_share:.1f}%")
     _print_eval_table(
@@ -83,8 +89,7 @@ def cmd_quickstart(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"  [{kind}] user: {_short(prompt.messages[-1]['content'], 70)}")
         print(f"      before [{b_score.overall:.2f}]: {_short(before)}")
         print(f"      after  [{a_score.overall:.2f}]: {_short(after)}")
-    print(f"\nrun directory: {cfg.out_dir} (final model: {result.sft.final_dir})")
-    return 0
+    print(f"\nrun directory: {out_dir} (final model: {result.sft.final_dir})")
 
 
 def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -92,7 +97,8 @@ def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> int:
 
     cfg = load_config(sft.SFTConfig, args.config, overrides)
     result = sft.train(cfg)
-    print(json.dumps({"run_dir": str(result.run_dir), "final": str(result.final_dir), "steps": result.steps, **result.metrics}))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({"run_dir": str(result.run_dir), "final": str(result.final_dir), "steps": result.steps, **result.metrics}))
     return 0
 
 

@@ -82,9 +82,9 @@ def run_subprocess(args: list[str], env_extra: dict[str, str] | None = None, npr
         cmd = [sys.executable, "-m", "alignloop.cli", "sft", *args]
     else:
         env["OMP_NUM_THREADS"] = "1"  # one thread per rank on a 2-core machine
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=0",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "alignloop.cli", "sft", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
