@@ -269,3 +269,11 @@ def test_T7b_over_long_examples_dropped_with_counts(sft_data, tmp_path):
     assert first["data/train_kept"] + first["data/train_dropped"] + first["data/train_truncated"] == 200
     assert all(v == v for v in losses(out).values())
     shutil.rmtree(out)
+
+
+def test_every_logged_metric_is_documented(baseline):
+    doc = (Path(__file__).parents[2] / "docs" / "metrics.md").read_text()
+    names = {k for line in (baseline / "metrics.jsonl").read_text().splitlines() for k in json.loads(line) if k != "step"}
+    assert names, "the run logged nothing"
+    missing = sorted(n for n in names if f"`{n}`" not in doc)
+    assert not missing, f"metrics logged but not in docs/metrics.md: {missing}"
