@@ -162,16 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from alignloop.data import DataError
+    from alignloop.models import ModelError
+    from alignloop.runtime import CheckpointError, NonFiniteError
+
     try:
         return handlers[args.command](args, overrides)
-    except ConfigError as err:
-        print(f"alignloop {args.command}: config error: {err}", file=sys.stderr)
+    except (ConfigError, DataError, ModelError, CheckpointError, NonFiniteError) as err:
+        # Expected failures get one clear line (file, line, field or key), not a traceback.
+        print(f"alignloop {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
-    except ValueError as err:
-        if type(err).__name__ == "DataError":
-            print(f"alignloop {args.command}: data error: {err}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

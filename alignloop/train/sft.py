@@ -32,6 +32,7 @@ import torch
 from alignloop import runtime
 from alignloop.config import ConfigError, ModelConfig, OptimConfig, RunConfig, save_config, to_dict
 from alignloop.data import (
+    SFTExample,
     TokenizedExample,
     collate_sft,
     length_bucketed_batches,
@@ -164,17 +165,22 @@ def _test_hooks(step: int, micro: int | None = None) -> bool:
     return bool(poison) and micro == 0 and int(poison) == step
 
 
-def prepare_data(
-    cfg: SFTConfig, tokenizer: Any
-) -> tuple[list[TokenizedExample], list[TokenizedExample], dict[str, int]]:
-    """Load, validate and tokenise the train and eval demonstrations; report kept/truncated/dropped."""
+def load_demonstrations(cfg: SFTConfig) -> tuple[list[SFTExample], list[SFTExample]]:
+    """Load and validate train and eval records before anything is written (bad input leaves no output)."""
     train_records = load_records(cfg.data.train_path, "sft")
-    train, report = tokenize_sft(train_records, tokenizer, cfg.data.max_length, cfg.data.truncation)
+    eval_records = load_records(cfg.data.eval_path, "sft")[: cfg.data.max_eval_examples] if cfg.data.eval_path else []
+    return train_records, eval_records
+
+
+def tokenize_demonstrations(
+    cfg: SFTConfig, records: tuple[list[SFTExample], list[SFTExample]], tokenizer: Any
+) -> tuple[list[TokenizedExample], list[TokenizedExample], dict[str, int]]:
+    """Tokenise with prompt masking and the length policy; report kept/truncated/dropped."""
+    train, report = tokenize_sft(records[0], tokenizer, cfg.data.max_length, cfg.data.truncation)
     counts = {"data/train_kept": report.kept, "data/train_truncated": report.truncated, "data/train_dropped": report.dropped}
     evals: list[TokenizedExample] = []
-    if cfg.data.eval_path:
-        eval_records = load_records(cfg.data.eval_path, "sft")[: cfg.data.max_eval_examples]
-        evals, eval_report = tokenize_sft(eval_records, tokenizer, cfg.data.max_length, cfg.data.truncation)
+    if records[1]:
+        evals, eval_report = tokenize_sft(records[1], tokenizer, cfg.data.max_length, cfg.data.truncation)
         counts.update({"data/eval_kept": eval_report.kept, "data/eval_dropped": eval_report.dropped})
     if not train:
         raise ValueError(f"{cfg.data.train_path}: no training example left after tokenisation")
@@ -208,7 +214,9 @@ def evaluate_loss(model: torch.nn.Module, examples: list[TokenizedExample], pad_
     return float(totals[0] / totals[1].clamp(min=1))
 
 
-def _setup_tokenizer_and_model(cfg: SFTConfig, run_dir: Path, models: Any) -> tuple[Any, Any]:
+def _setup_tokenizer_and_model(
+    cfg: SFTConfig, run_dir: Path, models: Any, train_records: list[SFTExample]
+) -> tuple[Any, Any]:
     """Injected models win; a tiny model's tokenizer is trained once and kept in the run directory."""
     if models is not None:
         return models
@@ -217,7 +225,7 @@ def _setup_tokenizer_and_model(cfg: SFTConfig, run_dir: Path, models: Any) -> tu
         cfg.model.tokenizer = str(saved)
     corpus = None
     if not cfg.model.name_or_path and not cfg.model.tokenizer:
-        corpus = [m["content"] for r in load_records(cfg.data.train_path, "sft") for m in r.messages]
+        corpus = [m["content"] for r in train_records for m in r.messages]
     model, tokenizer = build_policy(cfg.model, corpus=corpus, seed=cfg.run.seed)
     if corpus is not None:
         tokenizer.save_pretrained(saved)
@@ -238,6 +246,7 @@ def train(cfg: SFTConfig, *, models: tuple[Any, Any] | None = None) -> SFTResult
     acc = runtime.setup_accelerator(mixed_precision=cfg.run.mixed_precision)
     if acc.num_processes != cfg.world_size:
         raise ConfigError(f"world_size: config resolved {cfg.world_size}, launcher has {acc.num_processes}")
+    records = load_demonstrations(cfg)
     run_dir = Path(cfg.run.output_dir)
     is_main = acc.is_main_process
     if is_main:
@@ -245,9 +254,9 @@ def train(cfg: SFTConfig, *, models: tuple[Any, Any] | None = None) -> SFTResult
     acc.wait_for_everyone()
 
     # 2. model, tokenizer and data
-    model, tokenizer = _setup_tokenizer_and_model(cfg, run_dir, models)
+    model, tokenizer = _setup_tokenizer_and_model(cfg, run_dir, models, records[0])
     acc.wait_for_everyone()
-    train_set, eval_set, data_counts = prepare_data(cfg, tokenizer)
+    train_set, eval_set, data_counts = tokenize_demonstrations(cfg, records, tokenizer)
     lengths = [len(ex.input_ids) for ex in train_set]
     steps_per_epoch = len(train_set) // cfg.global_batch_size
     if steps_per_epoch == 0:

@@ -277,3 +277,21 @@ def test_every_logged_metric_is_documented(baseline):
     assert names, "the run logged nothing"
     missing = sorted(n for n in names if f"`{n}`" not in doc)
     assert not missing, f"metrics logged but not in docs/metrics.md: {missing}"
+
+
+@pytest.mark.parametrize("bad_line, code", [
+    ('{"id": "x", "messages": [{"role": "user", "content": "hi"}]}', "D106"),
+    ('{"id": "x", "messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]}', "D104"),
+    ("{not json", "D101"),
+])
+def test_malformed_data_is_a_named_error_and_writes_nothing(sft_data, tmp_path, bad_line, code):
+    """D1 through the CLI: the error names file, line and code; no run directory is created."""
+    bad = tmp_path / "bad.jsonl"
+    good = Path(sft_data["train"]).read_text().splitlines()
+    bad.write_text("\n".join([*good[:5], bad_line, *good[5:10]]) + "\n")
+    out = tmp_path / "run"
+    args = overrides(sft_data, out, **{"data.train_path": str(bad)})
+    proc = run_subprocess(args)
+    assert proc.returncode == 2
+    assert f"{bad}:6" in proc.stderr and code in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
