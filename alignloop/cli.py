@@ -113,9 +113,10 @@ def cmd_sandbox(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
-    from alignloop.data import encode_prompt, load_records
+    from alignloop.data import load_records
     from alignloop.generation import decode_responses, generate
     from alignloop.models import load_causal_lm, load_tokenizer
+    from alignloop.tokenization import encode_prompt
 
     gen = load_config(GenConfig, args.config, overrides)
     if args.prompts_file:
@@ -162,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from alignloop.checkpoint import CheckpointError
     from alignloop.data import DataError
     from alignloop.models import ModelError
-    from alignloop.runtime import CheckpointError, NonFiniteError
+    from alignloop.runtime import NonFiniteError
 
     try:
         return handlers[args.command](args, overrides)

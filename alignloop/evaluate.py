@@ -15,8 +15,9 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignloop.config import GenConfig
-from alignloop.data import Prompt, encode_prompt
+from alignloop.data import Prompt
 from alignloop.generation import decode_responses, generate
+from alignloop.tokenization import encode_prompt
 
 AXES = ("helpful", "honest", "harmless", "overall")
 

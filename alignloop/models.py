@@ -75,12 +75,12 @@ def train_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `texts` with our special and role tokens.
 
-    The chat template defaults to `alignloop.data.DEFAULT_CHAT_TEMPLATE` so that a saved tokenizer
+    The chat template defaults to `alignloop.tokenization.DEFAULT_CHAT_TEMPLATE` so that a saved tokenizer
     formats conversations the same way everywhere (trainers, `generate`, serving).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from alignloop.data import DEFAULT_CHAT_TEMPLATE
+    from alignloop.tokenization import DEFAULT_CHAT_TEMPLATE
 
     specials = [SPECIAL_TOKENS["pad_token"], SPECIAL_TOKENS["bos_token"], SPECIAL_TOKENS["eos_token"], *ROLE_TOKENS]
     tok = Tokenizer(models.BPE())

@@ -1,7 +1,7 @@
 """Shared fixtures: small tokenizers of three families, trained locally (no network) once per session.
 
 Each has the special tokens `<|pad|>`, `<|eos|>`, `<|unk|>`, `<|user|>`, `<|assistant|>`, `<|system|>` and no
-chat template (so `alignloop.data.DEFAULT_CHAT_TEMPLATE` applies) unless one is given.
+chat template (so `alignloop.tokenization.DEFAULT_CHAT_TEMPLATE` applies) unless one is given.
 """
 
 from __future__ import annotations

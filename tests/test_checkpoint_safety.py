@@ -19,15 +19,14 @@ import pytest
 import torch
 from torch import nn
 
-from alignloop.runtime import (
+from alignloop.checkpoint import (
     CheckpointError,
-    capture_rng_state,
     latest_checkpoint,
     load_checkpoint,
-    restore_rng_state,
     save_checkpoint,
     verify_checkpoint,
 )
+from alignloop.runtime import capture_rng_state, restore_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +80,8 @@ _ZYGOTE = r"""
 import os, sys, traceback
 import torch
 from torch import nn
-from alignloop.runtime import latest_checkpoint, load_checkpoint, save_checkpoint, seed_everything
+from alignloop.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignloop.runtime import seed_everything
 
 
 def train(run_dir, total):

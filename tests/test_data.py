@@ -27,10 +27,10 @@ from alignloop.data import (
     Rating,
     SFTExample,
     Thumb,
-    length_bucketed_batches,
     load_records,
     validate_records,
 )
+from alignloop.tokenization import length_bucketed_batches
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 

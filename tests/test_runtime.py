@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
+from alignloop.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from alignloop.runtime import (
-    CheckpointError,
     MetricsLogger,
     NonFiniteError,
     NonFiniteGuard,
@@ -26,11 +26,8 @@ from alignloop.runtime import (
     atomic_write_text,
     capture_rng_state,
     is_main_process,
-    latest_checkpoint,
-    load_checkpoint,
     progress,
     restore_rng_state,
-    save_checkpoint,
     seed_everything,
     setup_accelerator,
     truncate_jsonl,
@@ -128,8 +125,8 @@ _TORCHRUN_SCRIPT = """
 import json, random, sys
 import numpy as np, torch
 from torch import nn
-from alignloop.runtime import (all_reduce_mean, is_main_process, latest_checkpoint, load_checkpoint,
-                               save_checkpoint, seed_everything, setup_accelerator)
+from alignloop.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignloop.runtime import all_reduce_mean, is_main_process, seed_everything, setup_accelerator
 
 run_dir, out = sys.argv[1], sys.argv[2]
 acc = setup_accelerator(cpu=True)

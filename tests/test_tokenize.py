@@ -15,19 +15,16 @@ import torch
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
-from alignloop.data import (
+from alignloop.data import DataError, Prompt, SFTExample, validate_records
+from alignloop.tokenization import (
     DEFAULT_CHAT_TEMPLATE,
-    DataError,
     LengthReport,
-    Prompt,
-    SFTExample,
     TokenizedExample,
     collate_sft,
     encode_prompt,
     format_chat,
     tokenize_conversation,
     tokenize_sft,
-    validate_records,
 )
 
 TOKENIZER_KINDS = ("bpe", "wordpiece", "unigram")  # the families built in conftest.py
@@ -195,7 +192,7 @@ def test_T7c_boundary_merge_is_recorded_and_reported(templated_tokenizer: Any, c
     first = ex.boundaries[0]
     assert ex.loss_mask[first] == 1 and tok.convert_ids_to_tokens(ex.input_ids[first]).startswith("▁")
     assert encode_prompt(messages[:1], tok) != ex.input_ids[:first]  # the prefix property fails here
-    with caplog.at_level(logging.INFO, logger="alignloop.data"):
+    with caplog.at_level(logging.INFO, logger="alignloop.tokenization"):
         _, report = tokenize_sft([SFTExample("a", messages), SFTExample("b", messages)], tok, None)
     assert report == LengthReport(kept=2, truncated=0, dropped=0, boundaries=2)
     assert "do not tokenise cleanly" not in caplog.text and "does not tokenise cleanly" in caplog.text
@@ -262,7 +259,7 @@ def test_T7b_prompt_longer_than_max_length_is_counted(bpe_tokenizer: Any, caplog
         SFTExample("long-prompt", [user(long_prompt), bot("yes")]),
         SFTExample("long-answer", [user("hi"), bot(long_prompt)]),
     ]
-    with caplog.at_level(logging.INFO, logger="alignloop.data"):
+    with caplog.at_level(logging.INFO, logger="alignloop.tokenization"):
         kept, report = tokenize_sft(examples, bpe_tokenizer, 24, "drop")
     assert [e.id for e in kept] == ["short"] and report == LengthReport(1, 0, 2)
     assert "1 kept, 0 truncated, 2 dropped" in caplog.text

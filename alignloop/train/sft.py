@@ -29,19 +29,13 @@ from typing import Any, Literal
 
 import torch
 
-from alignloop import runtime
+from alignloop import checkpoint, runtime
 from alignloop.config import ConfigError, ModelConfig, OptimConfig, RunConfig, save_config, to_dict
-from alignloop.data import (
-    SFTExample,
-    TokenizedExample,
-    collate_sft,
-    length_bucketed_batches,
-    load_records,
-    tokenize_sft,
-)
+from alignloop.data import SFTExample, load_records
 from alignloop.losses import sft_nll
 from alignloop.models import build_policy, load_tokenizer, save_pretrained
 from alignloop.tensors import exact_div, logprobs_of
+from alignloop.tokenization import TokenizedExample, collate_sft, length_bucketed_batches, tokenize_sft
 
 log = logging.getLogger(__name__)
 
@@ -272,13 +266,13 @@ def train(cfg: SFTConfig, *, models: tuple[Any, Any] | None = None) -> SFTResult
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg.optim))
     guard = runtime.NonFiniteGuard()
     step, tokens_seen = 0, 0
-    ckpt = None if cfg.run.resume == "never" else runtime.latest_checkpoint(run_dir)
+    ckpt = None if cfg.run.resume == "never" else checkpoint.latest_checkpoint(run_dir)
     if cfg.run.resume == "must" and ckpt is None:
-        raise runtime.CheckpointError(f"{run_dir}: run.resume=must but no complete checkpoint exists")
+        raise checkpoint.CheckpointError(f"{run_dir}: run.resume=must but no complete checkpoint exists")
     if ckpt is not None:
-        state = runtime.load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+        state = checkpoint.load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
         step, tokens_seen = state["step"], state["tokens_seen"]
-        guard.skipped_steps = state["skipped_steps"]
+        guard.load_state_dict(state["guard"])
         if is_main and cfg.run.record_sample_ids:
             runtime.truncate_jsonl(run_dir / "sample_ids.jsonl", max_step=step)
         log.info("resumed from %s at step %d", ckpt, step)
@@ -352,8 +346,8 @@ def train(cfg: SFTConfig, *, models: tuple[Any, Any] | None = None) -> SFTResult
         if cfg.run.save_every and (step % cfg.run.save_every == 0) and step < total_steps:
             acc.wait_for_everyone()
             if is_main:
-                state = {"step": step, "epoch": epoch, "tokens_seen": tokens_seen, "skipped_steps": guard.skipped_steps}
-                runtime.save_checkpoint(
+                state = {"step": step, "epoch": epoch, "tokens_seen": tokens_seen, "guard": guard.state_dict()}
+                checkpoint.save_checkpoint(
                     run_dir, step, model=acc.unwrap_model(wrapped), optimizer=optimizer, scheduler=scheduler,
                     state=state, keep_last=cfg.run.keep_checkpoints,
                 )

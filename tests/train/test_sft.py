@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignloop import runtime
+from alignloop import checkpoint, runtime
 from alignloop.config import load_config
 from alignloop.models import train_tokenizer
 from alignloop.train import sft
@@ -142,7 +142,7 @@ def test_T1_sigkill_at_37_resumes_exactly(sft_data, tmp_path, baseline):
     args = overrides(sft_data, out, **{"model.tiny.attention_dropout": 0.1})
     killed = run_subprocess(args, {"ALIGNLOOP_TEST_KILL_AT": "37"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert runtime.latest_checkpoint(out).name.endswith("30")
+    assert checkpoint.latest_checkpoint(out).name.endswith("30")
     assert max(losses(out)) == 37
     resumed = run_subprocess(args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -245,7 +245,7 @@ def test_T2b_corrupt_checkpoint_is_a_named_error_not_a_fresh_start(sft_data, tmp
     out = tmp_path / "run"
     args = overrides(sft_data, out)
     assert run_subprocess(args, {"ALIGNLOOP_TEST_KILL_AT": "25"}).returncode == -signal.SIGKILL
-    newest = runtime.latest_checkpoint(out)
+    newest = checkpoint.latest_checkpoint(out)
     victim = newest / "optimizer.safetensors"
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -257,7 +257,7 @@ def test_T2b_corrupt_checkpoint_is_a_named_error_not_a_fresh_start(sft_data, tmp
 
 
 def test_resume_must_without_checkpoint_fails(sft_data, tmp_path):
-    with pytest.raises(runtime.CheckpointError, match="resume=must"):
+    with pytest.raises(checkpoint.CheckpointError, match="resume=must"):
         run_inprocess(overrides(sft_data, tmp_path / "r", **{"run.resume": "must"}))
 
 
