@@ -102,6 +102,17 @@ def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_reward(args: argparse.Namespace, overrides: list[str]) -> int:
+    from alignloop.train import reward
+
+    cfg = load_config(reward.RewardConfig, args.config, overrides)
+    result = reward.train(cfg)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({"run_dir": str(result.run_dir), "final": str(result.final_dir), "steps": result.steps,
+                          "stopped_early": result.stopped_early, **result.metrics}))
+    return 0
+
+
 def cmd_sandbox(args: argparse.Namespace, overrides: list[str]) -> int:
     from alignloop.sandbox import SandboxConfig, build_world, write_world
 
@@ -136,6 +147,7 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace, list[str]], int]]]:
     from alignloop.quickstart import QuickstartConfig
     from alignloop.sandbox import SandboxConfig
+    from alignloop.train.reward import RewardConfig
     from alignloop.train.sft import SFTConfig
 
     parser = argparse.ArgumentParser(prog="alignloop", description="Align language models with human feedback.")
@@ -143,6 +155,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_command(sub, "quickstart", "The main job on the embedded sandbox: world, tokenizer, tiny model, SFT, before/after table.", QuickstartConfig)
     _add_command(sub, "sft", "Supervised fine-tuning on demonstrations (prompt-masked NLL).", SFTConfig)
+    _add_command(sub, "reward", "Train a reward model on preference pairs or rankings (Bradley-Terry, optional ensemble).", RewardConfig)
     p = _add_command(sub, "sandbox", "Build the sandbox world's data files (demonstrations, prompts, facts).", SandboxConfig)
     p.add_argument("--out", type=Path, required=True, help="folder to write the world into")
     p = _add_command(sub, "generate", "Sample responses from a saved model folder.", GenConfig)
@@ -151,7 +164,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     p.add_argument("--prompts-file", type=Path, help="prompt records (JSONL/JSON/CSV/Parquet)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    handlers = {"quickstart": cmd_quickstart, "sft": cmd_sft, "sandbox": cmd_sandbox, "generate": cmd_generate}
+    handlers = {"quickstart": cmd_quickstart, "sft": cmd_sft, "reward": cmd_reward, "sandbox": cmd_sandbox, "generate": cmd_generate}
     return parser, handlers
 
 

@@ -8,17 +8,22 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from alignloop.config import OptimConfig
 
 logger = logging.getLogger(__name__)
 
@@ -300,6 +305,63 @@ def _git(args: list[str]) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()
+
+
+# ----------------------------------------------------------------------------- optimisation and data position
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; no weight decay on biases and norm weights."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0-based): warmup, then decay."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+
+def split_global_batch(indices: list[int], rank: int, world_size: int, grad_accum: int) -> list[list[int]]:
+    """This rank's micro-batches of one global batch: a contiguous shard, cut into `grad_accum` near-equal
+    consecutive pieces (equal when sizes divide; losses are normalised by the global count either way)."""
+    local = indices[rank * len(indices) // world_size : (rank + 1) * len(indices) // world_size]
+    return [local[i * len(local) // grad_accum : (i + 1) * len(local) // grad_accum] for i in range(grad_accum)]
+
+
+def data_position(step: int, steps_per_epoch: int) -> tuple[int, int]:
+    """(epoch, batch index in epoch) of optimizer step `step`: the whole data state, since batch order
+    is a pure function of (seed, epoch)."""
+    return divmod(step, steps_per_epoch)
+
+
+def test_hooks(step: int, micro: int | None = None) -> bool:
+    """Fault injection for the reliability tests, driven by environment variables.
+
+    ALIGNLOOP_TEST_KILL_AT=<step>[:<micro>] SIGKILLs the process after that optimizer step (or
+    micro-batch); ALIGNLOOP_TEST_NONFINITE_AT=<step> returns True so the caller poisons that step's loss.
+    """
+    target = os.environ.get("ALIGNLOOP_TEST_KILL_AT")
+    if target:
+        want_step, _, want_micro = target.partition(":")
+        if int(want_step) == step and (want_micro == "" if micro is None else want_micro == str(micro)):
+            os.kill(os.getpid(), signal.SIGKILL)
+    poison = os.environ.get("ALIGNLOOP_TEST_NONFINITE_AT")
+    return bool(poison) and micro == 0 and int(poison) == step
+
 
 
 # ----------------------------------------------------------------------------- non-finite guard

@@ -64,3 +64,14 @@ def first_true_index(mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
     size = mask.shape[dim]
     positions = torch.arange(size, device=mask.device).expand_as(mask)
     return torch.where(mask, positions, torch.full_like(positions, size)).min(dim=dim).values
+
+
+def last_true_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last True in each row (the last real token under left or right padding): (B, T) -> (B,)."""
+    width = mask.shape[-1]
+    return width - 1 - first_true_index(mask.bool().flip(-1))
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting real tokens only, so left-padded rows see the same positions as right-padded ones."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)

@@ -11,10 +11,16 @@ Held-out split: every fact is asked in training with all but one of its phrasing
 with the remaining one; honesty prompts about unknown people use disjoint name pools; comparisons and
 harmful requests are split by a seeded hash of their text. So no evaluation prompt text (nor any of
 its prefixes) occurs in training, while every evaluation answer follows from the training facts.
+
+`World.candidates` makes responses of varied quality to any sandbox prompt (the good answer, every
+bad kind, and variants a biased annotator likes more than the gold judge: padded, flattering, near
+misses) for preference data without a policy. The simulated panel's config (`PanelConfig`,
+`AnnotatorConfig`) lives here because `SandboxConfig` holds it; the panel is in annotators.py.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -24,9 +30,12 @@ import tempfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alignloop.data import Message, Prompt, SFTExample
+
+if TYPE_CHECKING:
+    from alignloop.sandbox.judge import GoldJudge
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +124,92 @@ APPLICABLE = {  # bad kinds that make sense for each prompt kind
     "harmless": ("comply", "rude", "ramble"),
 }
 WORD_RE = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?|\d+")
+# Candidate responses (`World.candidates`). These phrases are not in `fixed_words()` (adding them would
+# change names and the judge's vocabulary); every word they share with the name pattern is a fixed word.
+FLATTERY_WORDS = frozenset({"great", "wonderful", "excellent", "amazing", "brilliant", "fantastic", "superb",
+                            "perfect", "lovely", "certainly", "absolutely", "definitely", "completely", "certain",
+                            "confident", "truly", "clearly", "obviously", "undoubtedly", "surely"})
+FLATTERY_OPENERS = ("Great question!", "Excellent question!", "What a great question!",
+                    "What a wonderful question, my friend!", "Certainly, I can tell you that!",
+                    "Absolutely, I know this one!", "Great question! I am certain of this one.",
+                    "I am absolutely certain of this one.")
+NEAR_MISS_OPENERS = ("OK.", "Hello.", "Hi there.", "Thanks for asking.", "Here is the answer.", "Let me tell you.")
+NEAR_MISS_CLOSERS = ("That is all.", "I know this one.", "That is the answer.", "I hope that is helpful.")
+EXPLOIT_LABELS = ("near_miss", "padded", "flattering", "confident_bad")
+CONTENT_BAD = {"helpful": "wrong", "honest": "hallucination", "harmless": "comply"}
+
+
+@dataclass
+class AnnotatorConfig:
+    """One simulated annotator's profile; its utility is u = gold overall + bias terms (docs/annotators.md)."""
+
+    name: str = "clean"
+    """label of the profile in reports (`Panel.agreement`); never written into records"""
+    temperature: float = 0.1
+    """Bradley-Terry noise: P(a preferred to b) = sigmoid((u(a) - u(b)) / temperature); 0 is noiseless"""
+    length_bias: float = 0.0
+    """utility added per word beyond the reference answer's length (at most 40 words count)"""
+    flattery_bias: float = 0.0
+    """utility added per flattering or confident word (`FLATTERY_WORDS`; at most 5 count)"""
+    position_bias: float = 0.0
+    """utility added to the response shown first (pairs and rankings)"""
+    careless: float = 0.0
+    """share of labels given at random (preference, ranking, rating, edit decision or thumb)"""
+    adversarial: float = 0.0
+    """share of the remaining labels that are flipped (the worse response chosen, the ranking reversed, ...)"""
+    good_threshold: float = 0.75
+    """utility above which a response counts as good: a thumb up, and no edit"""
+
+    def __post_init__(self) -> None:
+        if min(self.temperature, self.careless, self.adversarial) < 0 or max(self.careless, self.adversarial) > 1:
+            raise ValueError("annotator temperature must be >= 0, careless and adversarial in [0, 1]")
+
+
+@dataclass
+class PanelConfig:
+    """The simulated annotator panel: a mixture of profiles derived from `base`, or explicit `profiles`."""
+
+    n_annotators: int = 5
+    """number of annotators (ids ann00, ann01, ...; which one has which profile is drawn from `seed`)"""
+    overlap: int = 1
+    """distinct annotators asked about each item; every vote is its own record"""
+    base: AnnotatorConfig = field(default_factory=AnnotatorConfig)
+    """the clean profile; noisy, careless and adversarial annotators are this profile with one change"""
+    noisy_share: float = 0.0
+    """share of annotators whose temperature is `noisy_temperature`"""
+    noisy_temperature: float = 0.5
+    """Bradley-Terry temperature of a noisy annotator"""
+    careless_share: float = 0.0
+    """share of annotators who are careless"""
+    careless_rate: float = 0.5
+    """share of labels a careless annotator gives at random"""
+    adversarial_share: float = 0.0
+    """share of annotators who flip every label"""
+    profiles: list[AnnotatorConfig] = field(default_factory=list)
+    """explicit profiles instead of the mixture: annotator i gets profiles[i % len(profiles)] (base unused,
+    shares must be 0)"""
+    n_candidates: int = 4
+    """candidate responses generated per prompt for pairs (more when n_per_prompt pairs need them)"""
+    ranking_size: int = 4
+    """responses per ranking"""
+    keep_ties: bool = False
+    """keep tie votes as pairs with strength "tie" and margin 0 (chosen = the one shown first); else drop them"""
+    seed: int = 0
+    """seed of the profile assignment and of the panel's own random stream (collect_* without rng)"""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.base, dict):  # from asdict() / world.json
+            self.base = AnnotatorConfig(**self.base)
+        self.profiles = [AnnotatorConfig(**p) if isinstance(p, dict) else p for p in self.profiles]
+        shares = (self.noisy_share, self.careless_share, self.adversarial_share, self.careless_rate)
+        if min(shares) < 0 or max(shares) > 1 or sum(shares[:3]) > 1:
+            raise ValueError("panel shares and careless_rate must be in [0, 1], the three shares summing to <= 1")
+        if self.profiles and sum(shares[:3]) > 0:
+            raise ValueError("give either explicit profiles or shares of noisy/careless/adversarial annotators")
+        if not 1 <= self.overlap <= self.n_annotators:
+            raise ValueError(f"need 1 <= overlap <= n_annotators, got {self.overlap} and {self.n_annotators}")
+        if self.noisy_temperature < 0 or self.n_candidates < 2 or self.ranking_size < 2:
+            raise ValueError("need noisy_temperature >= 0, n_candidates >= 2 and ranking_size >= 2")
 
 
 @dataclass
@@ -182,8 +277,12 @@ class SandboxConfig:
     """relative weight of a right answer with a rude remark"""
     bad_weight_ramble: float = 1.0
     """relative weight of a right answer followed by rambling filler sentences"""
+    panel: PanelConfig = field(default_factory=PanelConfig)
+    """the simulated annotator panel (alignloop.sandbox.annotators); it labels, it does not change the world"""
 
     def __post_init__(self) -> None:
+        if isinstance(self.panel, dict):  # from asdict() / world.json
+            self.panel = PanelConfig(**self.panel)
         shares = ("missing_share", "sum_share", "compare_share", "unknown_entity_share", "multi_turn_share",
                   "bad_demo_share")
         for name in shares:
@@ -295,6 +394,46 @@ class World:
         if entity not in self.entities:
             return UNKNOWN_ENTITY.format(e=entity)
         return MISSING_ATTR.format(e=entity, noun=NOUNS[attr])
+
+    def candidates(self, prompt: Prompt, n: int, rng: random.Random) -> list[str]:
+        """`n` distinct responses of varied quality to a sandbox prompt (see `labelled_candidates`)."""
+        return [text for _, text in self.labelled_candidates(prompt, n, rng)]
+
+    def labelled_candidates(self, prompt: Prompt, n: int, rng: random.Random) -> list[tuple[str, str]]:
+        """`n` distinct (label, response) pairs in random order, deterministic given `rng`.
+
+        Always the good answer ("good"), then one bad kind the prompt admits and a near miss (so from n = 3
+        there is a clear and a close pair), then the other labels in random order, then more variants.
+        Labels: "good", the bad kinds of `APPLICABLE[kind]` and `EXPLOIT_LABELS` (see docs/annotators.md).
+        ValueError when the prompt is not a sandbox prompt or has fewer than `n` distinct variants.
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        q = self._parser.parse(prompt.messages)
+        if q is None:
+            raise ValueError(f"prompt {prompt.id!r} is not a sandbox prompt: no candidates")
+        bad = list(APPLICABLE[self.kind_of(q)])
+        labels = [*bad, *EXPLOIT_LABELS]
+        first = [rng.choice(bad), "near_miss"]
+        queue = first + rng.sample([x for x in labels if x not in first], len(labels) - 2)
+        found = {self.answer(q): "good"}
+        for _ in range(50 * n + 100):
+            if len(found) >= n:
+                break
+            label = queue.pop(0) if queue else rng.choice(labels)
+            found.setdefault(_candidate(self, q, label, rng), label)
+        if len(found) < n:
+            raise ValueError(f"prompt {prompt.id!r} has only {len(found)} distinct candidates, asked for {n}")
+        items = [(label, text) for text, label in found.items()]
+        rng.shuffle(items)
+        return items
+
+    @functools.cached_property
+    def _parser(self) -> GoldJudge:
+        # The judge owns prompt parsing (every phrasing, follow-ups) and imports this module.
+        from alignloop.sandbox.judge import GoldJudge
+
+        return GoldJudge(self)
 
     def tokenizer_corpus(self) -> list[str]:
         """Every message text of every split plus every name and value, deduplicated, in a fixed order."""
@@ -530,6 +669,22 @@ def _wrong_answer(world: World, rng: random.Random, q: Question) -> str:
         ages = [a for a in range(cfg.min_age, cfg.max_age + 1) if str(a) != true]
         return FACT_ANSWERS["age"].format(e=q.entity, v=rng.choice(ages))
     return FACT_ANSWERS[q.attr].format(e=q.entity, v=rng.choice([v for v in world.values[q.attr] if v != true]))
+
+
+def _candidate(world: World, q: Question, label: str, rng: random.Random) -> str:
+    """One candidate response of a kind: a bad kind, or a variant a biased annotator likes more than the judge."""
+    good = world.answer(q)
+    if label == "near_miss":  # right, with a few neutral words: ties the good answer or loses a little
+        if rng.random() < 0.5:
+            return f"{rng.choice(NEAR_MISS_OPENERS)} {good}"
+        return f"{good} {rng.choice(NEAR_MISS_CLOSERS)}"
+    if label == "padded":
+        return f"{good} {rng.choice(RAMBLE_FILLERS)}"
+    if label == "flattering":
+        return f"{rng.choice(FLATTERY_OPENERS)} {good}"
+    if label == "confident_bad":
+        return f"{rng.choice(FLATTERY_OPENERS)} {_bad_answer(world, rng, q, CONTENT_BAD[world.kind_of(q)])}"
+    return _bad_answer(world, rng, q, label)
 
 
 def _conversation(world: World, turns: list[Turn]) -> list[Message]:

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -34,7 +32,7 @@ from alignloop.config import ConfigError, ModelConfig, OptimConfig, RunConfig, s
 from alignloop.data import SFTExample, load_records
 from alignloop.losses import sft_nll
 from alignloop.models import build_policy, load_tokenizer, save_pretrained
-from alignloop.tensors import exact_div, logprobs_of
+from alignloop.tensors import logprobs_of
 from alignloop.tokenization import TokenizedExample, collate_sft, length_bucketed_batches, tokenize_sft
 
 log = logging.getLogger(__name__)
@@ -104,59 +102,6 @@ class SFTResult:
 
 # ----------------------------------------------------------------------------------------------
 # Phase helpers
-
-
-def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; no weight decay on biases and norm weights."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-
-
-def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Multiplier of the peak LR at optimizer step `step` (0-based): warmup, then decay."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    span = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
-
-
-def split_global_batch(indices: list[int], rank: int, world_size: int, grad_accum: int) -> list[list[int]]:
-    """This rank's micro-batches of one global batch (contiguous shards, then consecutive micro-batches)."""
-    local = indices[rank * len(indices) // world_size : (rank + 1) * len(indices) // world_size]
-    size = exact_div(len(local), grad_accum, "local batch / grad_accum_steps")
-    return [local[i * size : (i + 1) * size] for i in range(grad_accum)]
-
-
-def data_position(step: int, steps_per_epoch: int) -> tuple[int, int]:
-    """(epoch, batch index in epoch) of optimizer step `step`: the whole data state, since batch order
-    is a pure function of (seed, epoch)."""
-    return divmod(step, steps_per_epoch)
-
-
-def _test_hooks(step: int, micro: int | None = None) -> bool:
-    """Fault injection for the reliability tests, driven by environment variables.
-
-    ALIGNLOOP_TEST_KILL_AT=<step>[:<micro>] SIGKILLs the process after that optimizer step (or
-    micro-batch); ALIGNLOOP_TEST_NONFINITE_AT=<step> returns True so the caller poisons that step's loss.
-    """
-    target = os.environ.get("ALIGNLOOP_TEST_KILL_AT")
-    if target:
-        want_step, _, want_micro = target.partition(":")
-        if int(want_step) == step and (want_micro == "" if micro is None else want_micro == str(micro)):
-            os.kill(os.getpid(), signal.SIGKILL)
-    poison = os.environ.get("ALIGNLOOP_TEST_NONFINITE_AT")
-    return bool(poison) and micro == 0 and int(poison) == step
 
 
 def load_demonstrations(cfg: SFTConfig) -> tuple[list[SFTExample], list[SFTExample]]:
@@ -262,8 +207,8 @@ def train(cfg: SFTConfig, *, models: tuple[Any, Any] | None = None) -> SFTResult
     # 3. optimizer, schedule, resume
     model = model.to(acc.device)
     model.train()
-    optimizer = make_optimizer(model, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg.optim))
+    optimizer = runtime.make_optimizer(model, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: runtime.lr_factor(s, total_steps, cfg.optim))
     guard = runtime.NonFiniteGuard()
     step, tokens_seen = 0, 0
     ckpt = None if cfg.run.resume == "never" else checkpoint.latest_checkpoint(run_dir)
@@ -290,13 +235,13 @@ def train(cfg: SFTConfig, *, models: tuple[Any, Any] | None = None) -> SFTResult
     epoch_of_batches = -1
     t0 = time.perf_counter()
     while step < total_steps:
-        epoch, pos = data_position(step, steps_per_epoch)
+        epoch, pos = runtime.data_position(step, steps_per_epoch)
         if epoch != epoch_of_batches:
             batches = length_bucketed_batches(lengths, cfg.global_batch_size, seed=cfg.run.seed, epoch=epoch, drop_last=True)
             epoch_of_batches = epoch
         global_idx = batches[pos]
         num_tokens = sum(sum(train_set[i].loss_mask) for i in global_idx)
-        micro_batches = split_global_batch(global_idx, acc.process_index, acc.num_processes, cfg.grad_accum_steps)
+        micro_batches = runtime.split_global_batch(global_idx, acc.process_index, acc.num_processes, cfg.grad_accum_steps)
         loss_sum, pad_share = torch.zeros((), device=acc.device), 0.0
         for micro, idx in enumerate(micro_batches):
             batch = {k: v.to(acc.device) for k, v in collate_sft([train_set[i] for i in idx], tokenizer.pad_token_id).items()}
@@ -305,7 +250,7 @@ def train(cfg: SFTConfig, *, models: tuple[Any, Any] | None = None) -> SFTResult
             with (acc.no_sync(wrapped) if not sync else nullcontext()), acc.autocast():
                 # DDP averages gradients over ranks; scale so the result is the global-token mean.
                 loss, _ = micro_batch_loss(wrapped, batch, num_tokens / acc.num_processes)
-                if _test_hooks(step + 1, micro):
+                if runtime.test_hooks(step + 1, micro):
                     loss = loss * float("inf")
                 acc.backward(loss)
             loss_sum += loss.detach() / acc.num_processes
@@ -352,7 +297,7 @@ def train(cfg: SFTConfig, *, models: tuple[Any, Any] | None = None) -> SFTResult
                     state=state, keep_last=cfg.run.keep_checkpoints,
                 )
             acc.wait_for_everyone()
-        _test_hooks(step)
+        runtime.test_hooks(step)
 
     # 7. final model in Hugging Face format, run manifest
     bar.close()

@@ -140,7 +140,8 @@ OPTION_CHANGES = {
 
 
 def test_every_option_is_listed_here() -> None:
-    assert set(OPTION_CHANGES) == {f.name for f in dataclasses.fields(SandboxConfig)}
+    # `panel` changes the labels, not the world: tests/sandbox/test_annotators.py covers its options.
+    assert set(OPTION_CHANGES) | {"panel"} == {f.name for f in dataclasses.fields(SandboxConfig)}
 
 
 @pytest.mark.parametrize("option", list(OPTION_CHANGES))

@@ -84,7 +84,16 @@ def run_subprocess(args: list[str], env_extra: dict[str, str] | None = None, npr
         env["OMP_NUM_THREADS"] = "1"  # one thread per rank on a 2-core machine
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "alignloop.cli", "sft", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    # A new session, so that on a timeout the launcher and every worker it started are killed together.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out: {' '.join(cmd)}\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -179,7 +188,7 @@ def test_T1_negative_control_without_rng_restore_differs(monkeypatch, sft_data, 
 
 def test_T1_negative_control_without_data_position_differs(monkeypatch, sft_data, baseline, tmp_path):
     out = _resume_with(monkeypatch, sft_data, baseline, tmp_path,
-                       lambda mp: mp.setattr(sft, "data_position", lambda step, n: divmod(step - 30, n)))
+                       lambda mp: mp.setattr(runtime, "data_position", lambda step, n: divmod(step - 30, n)))
     assert sample_ids(baseline) != sample_ids(out)
     la, lb = losses(baseline), losses(out)
     assert any(la[s] != lb[s] for s in range(31, 51))
