@@ -185,7 +185,7 @@ def tokenize_pairs(
             continue
         group_weight = 1.0 / group_sizes[str(p.meta["group"])] if "group" in p.meta else 1.0
         margin = float(p.margin) if (cfg.data.use_margin and p.margin is not None) else 0.0
-        weights = (bootstrap * group_weight).tolist()
+        weights = [float(b) * group_weight for b in bootstrap.tolist()]
         out.append(TokenizedPair(p.id, prompt_key(p), sides[0].input_ids, sides[1].input_ids, margin, weights))
     return out, dropped
 

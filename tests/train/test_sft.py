@@ -5,17 +5,15 @@ and parameters that actually train (T7j)."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainer_runs import run_subprocess
 
 from alignloop import checkpoint, runtime
 from alignloop.config import load_config
@@ -74,26 +72,6 @@ def overrides(data: dict[str, str], out: Path, **extra: object) -> list[str]:
 
 def run_inprocess(args: list[str]) -> sft.SFTResult:
     return sft.train(load_config(sft.SFTConfig, None, args))
-
-
-def run_subprocess(args: list[str], env_extra: dict[str, str] | None = None, nproc: int = 1) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env_extra or {})}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "alignloop.cli", "sft", *args]
-    else:
-        env["OMP_NUM_THREADS"] = "1"  # one thread per rank on a 2-core machine
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "alignloop.cli", "sft", *args]
-    # A new session, so that on a timeout the launcher and every worker it started are killed together.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"timed out: {' '.join(cmd)}\n{err[-3000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
