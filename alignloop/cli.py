@@ -117,9 +117,58 @@ def cmd_sandbox(args: argparse.Namespace, overrides: list[str]) -> int:
     from alignloop.sandbox import SandboxConfig, build_world, write_world
 
     cfg = load_config(SandboxConfig, args.config, overrides)
-    paths = write_world(build_world(cfg), args.out)
+    world = build_world(cfg)
+    paths = write_world(world, args.out)
+    if args.prefs_per_prompt > 0:
+        paths.update(write_sandbox_preferences(world, Path(args.out), args.prefs_per_prompt))
     for name, path in paths.items():
         print(f"{name}: {path}")
+    return 0
+
+
+def write_sandbox_preferences(world: Any, out: Path, per_prompt: int) -> dict[str, Path]:
+    """Ask the world's simulated panel for `per_prompt` comparisons per training and held-out prompt."""
+    import dataclasses
+
+    from alignloop.runtime import atomic_write_text
+    from alignloop.sandbox import Panel
+
+    panel = Panel(world)
+    written = {}
+    for split, prompts in (("prefs_train", world.prompts_train), ("prefs_eval", world.prompts_eval)):
+        kinds = {p.id: p.meta.get("kind") for p in prompts}
+        rows = []
+        for pair in panel.collect_pairs(prompts, per_prompt):
+            record = dataclasses.asdict(pair)
+            record["meta"]["kind"] = kinds.get(pair.meta.get("prompt_id"))
+            rows.append(json.dumps(record, ensure_ascii=False))
+        atomic_write_text(out / f"{split}.jsonl", "\n".join(rows) + "\n")
+        written[split] = out / f"{split}.jsonl"
+    return written
+
+
+def cmd_reward_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    import torch
+
+    from alignloop.data import load_records
+    from alignloop.evaluate import reward_report
+    from alignloop.models import load_sequence_classifier, load_tokenizer
+    from alignloop.train.reward import RewardConfig, score_pairs, tokenize_pairs
+
+    cfg = load_config(RewardConfig, None, ["--data.max_length", str(args.max_length)])
+    pairs = load_records(str(args.pairs), "pair")
+    model, tokenizer = load_sequence_classifier(str(args.model)), load_tokenizer(str(args.model))
+    tokenized, dropped = tokenize_pairs(pairs, tokenizer, cfg, seed=0)
+    kept = {t.id for t in tokenized}
+    pairs = [p for p in pairs if p.id in kept]
+    chosen, rejected = score_pairs(model, tokenized, tokenizer.pad_token_id, 64, torch.device("cpu"))
+    judge = None
+    if args.sandbox_world:
+        from alignloop.sandbox import GoldJudge, load_world
+
+        judge = GoldJudge(load_world(args.sandbox_world)).score
+    report = {"pairs": len(pairs), "dropped": dropped, **reward_report(pairs, chosen, rejected, judge)}
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -158,13 +207,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     _add_command(sub, "reward", "Train a reward model on preference pairs or rankings (Bradley-Terry, optional ensemble).", RewardConfig)
     p = _add_command(sub, "sandbox", "Build the sandbox world's data files (demonstrations, prompts, facts).", SandboxConfig)
     p.add_argument("--out", type=Path, required=True, help="folder to write the world into")
+    p.add_argument("--prefs-per-prompt", type=int, default=0,
+                   help="also write prefs_train/prefs_eval.jsonl: this many panel comparisons per prompt")
+    p = sub.add_parser("reward-eval", help="Evaluate a reward model on preference pairs (accuracy, calibration, length correlation, gold agreement).")
+    p.add_argument("model", type=Path, help="a reward model folder (e.g. runs/reward/final)")
+    p.add_argument("--pairs", type=Path, required=True, help="preference pairs (JSONL/JSON/CSV/Parquet)")
+    p.add_argument("--sandbox-world", type=Path, help="a sandbox world folder: also report agreement with its gold judge")
+    p.add_argument("--max-length", type=int, default=128, help="longest tokenised prompt + response")
     p = _add_command(sub, "generate", "Sample responses from a saved model folder.", GenConfig)
     p.add_argument("model", type=Path, help="a Hugging Face model folder (e.g. runs/quickstart/sft/final)")
     p.add_argument("--prompt", action="append", help="a user message (repeatable)")
     p.add_argument("--prompts-file", type=Path, help="prompt records (JSONL/JSON/CSV/Parquet)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    handlers = {"quickstart": cmd_quickstart, "sft": cmd_sft, "reward": cmd_reward, "sandbox": cmd_sandbox, "generate": cmd_generate}
+    handlers = {"quickstart": cmd_quickstart, "sft": cmd_sft, "reward": cmd_reward, "reward-eval": cmd_reward_eval, "sandbox": cmd_sandbox, "generate": cmd_generate}
     return parser, handlers
 
 

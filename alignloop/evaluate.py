@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignloop.config import GenConfig
@@ -65,3 +66,68 @@ def evaluate_policy(
     chosen_prompts = [prompts[int(i)] for i in rollout.prompt_index]
     means, by_kind = summarise_scores(chosen_prompts, scores)
     return PolicyEval(means, by_kind, list(zip(chosen_prompts, responses, scores, strict=True)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reward models
+
+
+def calibration_error(chosen: torch.Tensor, rejected: torch.Tensor, n_bins: int = 10) -> float:
+    """Expected calibration error of P(chosen > rejected) = sigmoid(r_c - r_r): (N,), (N,) -> float.
+
+    Each pair is counted in both orders ((p, 1) and (1 - p, 0)), so a model that is right but
+    overconfident and one that is unsure are told apart; bins are equal-width on [0, 1].
+    """
+    p = torch.sigmoid((chosen - rejected).double())
+    probs = torch.cat([p, 1 - p])  # (2N,)
+    labels = torch.cat([torch.ones_like(p), torch.zeros_like(p)])  # (2N,)
+    bins = torch.clamp((probs * n_bins).long(), max=n_bins - 1)
+    ece = torch.zeros((), dtype=torch.float64)
+    for b in range(n_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            ece += in_bin.double().mean() * (probs[in_bin].mean() - labels[in_bin].mean()).abs()
+    return float(ece)
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of two 1-D tensors (nan when either is constant)."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = (x.norm() * y.norm()).item()
+    return float((x @ y).item() / denom) if denom > 0 else float("nan")
+
+
+def reward_report(
+    pairs: Sequence[Any],
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    judge: Callable[[list[dict[str, str]], str], Any] | None = None,
+) -> dict[str, float]:
+    """Pairwise accuracy (overall and by `meta['kind']`), calibration, reward distribution, length
+    correlation, ensemble uncertainty and, with a gold `judge`, agreement with it: (N,K), (N,K) scores."""
+    mean_c, mean_r = chosen.mean(1), rejected.mean(1)
+    correct = (mean_c > mean_r).double()
+    rewards = torch.cat([mean_c, mean_r]).double()
+    lengths = torch.tensor([len(t.split()) for t in [p.chosen for p in pairs] + [p.rejected for p in pairs]], dtype=torch.float64)
+    report = {
+        "rm/accuracy": float(correct.mean()),
+        "rm/ece": calibration_error(mean_c, mean_r),
+        "rm/reward_mean": float(rewards.mean()),
+        "rm/reward_std": float(rewards.std()),
+        "rm/reward_p05": float(rewards.quantile(0.05)),
+        "rm/reward_p95": float(rewards.quantile(0.95)),
+        "rm/length_corr": pearson(rewards, lengths),
+        "rm/uncertainty": float((chosen - rejected).std(1).mean()) if chosen.shape[1] > 1 else 0.0,
+    }
+    kinds = sorted({str(p.meta.get("kind")) for p in pairs if "kind" in p.meta})
+    for kind in kinds:
+        rows = torch.tensor([str(p.meta.get("kind")) == kind for p in pairs])
+        report[f"rm/accuracy/{kind}"] = float(correct[rows].mean())
+    if judge is not None:
+        gold_c = torch.tensor([judge(p.prompt, p.chosen).overall for p in pairs], dtype=torch.float64)
+        gold_r = torch.tensor([judge(p.prompt, p.rejected).overall for p in pairs], dtype=torch.float64)
+        decided = gold_c != gold_r
+        agree = ((mean_c > mean_r) == (gold_c > gold_r)) & decided
+        report["gold/agreement"] = float(agree.sum() / decided.sum().clamp(min=1))
+        report["gold/length_corr"] = pearson(torch.cat([gold_c, gold_r]), lengths)
+    return report
