@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import os
 import textwrap
 import types
 import typing
@@ -106,6 +107,41 @@ class OptimConfig:
     """Final learning rate as a fraction of the peak."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+@dataclass
+class BatchConfig:
+    """How many examples make one optimizer step, and how long to train."""
+
+    micro_batch_size: int = 32
+    """Examples per forward/backward on one process."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step on one process."""
+    epochs: float = 1.0
+    """Passes over the training data (fractional allowed); ignored when `max_steps` > 0."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 derives it from `epochs`."""
+    eval_batch_size: int = 64
+    """Examples per forward in evaluation."""
+    world_size: int = 0
+    """Derived: number of processes (from the launcher's WORLD_SIZE)."""
+    global_batch_size: int = 0
+    """Derived: examples per optimizer step = micro_batch_size * grad_accum_steps * world_size."""
+
+    def resolve(self) -> None:
+        """Compute derived sizes once (the launcher's WORLD_SIZE is known before training starts)."""
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.micro_batch_size < 1 or self.grad_accum_steps < 1:
+            raise ConfigError("batch.micro_batch_size and batch.grad_accum_steps must be >= 1")
+        self.global_batch_size = self.micro_batch_size * self.grad_accum_steps * self.world_size
+
+    def total_steps(self, num_examples: int) -> tuple[int, int]:
+        """(steps per epoch, total optimizer steps) for a data set of `num_examples`; the last partial
+        global batch of an epoch is dropped so every step sees the same number of examples."""
+        steps_per_epoch = num_examples // self.global_batch_size
+        if steps_per_epoch == 0:
+            raise ConfigError(f"batch.global_batch_size {self.global_batch_size} > {num_examples} training examples")
+        return steps_per_epoch, self.max_steps or max(1, int(self.epochs * steps_per_epoch))
 
 
 @dataclass

@@ -23,19 +23,19 @@ from alignloop.train.sft import SFTConfig
 
 def test_defaults_yaml_then_cli_override(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("optim:\n  lr: 0.01\n  warmup_steps: 5\nmicro_batch_size: 4\n")
+    path.write_text("optim:\n  lr: 0.01\n  warmup_steps: 5\nbatch:\n  micro_batch_size: 4\n")
     cfg = load_config(SFTConfig, path, ["--optim.lr", "3e-4", "--run.seed=7"])
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.optim.warmup_steps == 5
-    assert cfg.micro_batch_size == 4
+    assert cfg.batch.micro_batch_size == 4
     assert cfg.run.seed == 7
     assert cfg.optim.beta2 == OptimConfig().beta2
 
 
 def test_derived_sizes_resolved_once(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = load_config(SFTConfig, None, ["--micro_batch_size", "8", "--grad_accum_steps", "3"])
-    assert (cfg.world_size, cfg.global_batch_size) == (2, 48)
+    cfg = load_config(SFTConfig, None, ["--batch.micro_batch_size", "8", "--batch.grad_accum_steps", "3"])
+    assert (cfg.batch.world_size, cfg.batch.global_batch_size) == (2, 48)
 
 
 @pytest.mark.parametrize(
@@ -44,7 +44,7 @@ def test_derived_sizes_resolved_once(monkeypatch):
         (["--optim.lrr", "1"], "optim.lrr"),
         (["--nope", "1"], "nope"),
         (["--optim.lr", "fast"], "optim.lr"),
-        (["--micro_batch_size", "2.5"], "micro_batch_size"),
+        (["--batch.micro_batch_size", "2.5"], "batch.micro_batch_size"),
         (["--run.resume", "maybe"], "run.resume"),
         (["--run.tensorboard", "3"], "run.tensorboard"),
         (["--model.lora.target_modules", "q_proj"], "model.lora.target_modules"),
@@ -73,7 +73,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     cfg = load_config(SFTConfig, None, ["--optim.lr", "0.002"])
     save_config(cfg, tmp_path / "config.yaml")
     data = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert data["optim"]["lr"] == 0.002 and data["global_batch_size"] == cfg.global_batch_size
+    assert data["optim"]["lr"] == 0.002 and data["batch"]["global_batch_size"] == cfg.batch.global_batch_size
     again = load_config(SFTConfig, tmp_path / "config.yaml")
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
 
@@ -105,3 +105,11 @@ def test_describe_lists_dotted_keys():
 def test_parse_overrides_rejects_positional():
     with pytest.raises(ConfigError, match="expected an override"):
         parse_overrides(["lr", "1"])
+
+
+@pytest.mark.parametrize("name", ["sandbox_sft.yaml", "hf_sft.yaml"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+
+    cfg = load_config(SFTConfig, Path(__file__).parents[1] / "configs" / name)
+    assert cfg.batch.global_batch_size >= 1

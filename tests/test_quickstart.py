@@ -18,7 +18,7 @@ from alignloop.quickstart import QuickstartConfig, run
 SHORT = [
     "--world.n_known", "12", "--world.n_unknown", "12", "--world.n_sft_train", "1200",
     "--world.n_train_prompts", "100", "--world.n_eval_prompts", "60", "--eval_prompts", "60",
-    "--sft.max_steps", "60", "--sft.micro_batch_size", "32", "--sft.run.eval_every", "30",
+    "--sft.batch.max_steps", "60", "--sft.batch.micro_batch_size", "32", "--sft.run.eval_every", "30",
     "--sft.run.save_every", "0", "--sft.run.progress_bar", "false", "--sft.run.tensorboard", "false",
     "--sft.model.tiny.hidden_size", "128", "--sft.model.tiny.intermediate_size", "344",
     "--sft.model.tiny.num_layers", "2",

@@ -23,16 +23,15 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import random
 import re
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alignloop.data import Message, Prompt, SFTExample
+from alignloop.runtime import atomic_write_text
 
 if TYPE_CHECKING:
     from alignloop.sandbox.judge import GoldJudge
@@ -759,19 +758,6 @@ def _prompt(world: World, turns: list[Turn], pid: str) -> Prompt:
 # ------------------------------------------------------------------------------------------------ io
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 SPLITS = ("sft_train", "sft_eval", "prompts_train", "prompts_eval")
 
 
@@ -783,12 +769,12 @@ def write_world(world: World, out_dir: str | Path) -> dict[str, Path]:
     for split in SPLITS:
         lines = [json.dumps({"id": r.id, "messages": r.messages, "meta": r.meta}) for r in getattr(world, split)]
         paths[split] = out / f"{split}.jsonl"
-        _atomic_write(paths[split], "".join(line + "\n" for line in lines))
+        atomic_write_text(paths[split], "".join(line + "\n" for line in lines))
     facts = {"format": 1, "config": asdict(world.config), "entities": world.entities,
              "unknown_train": world.unknown_train, "unknown_eval": world.unknown_eval,
              "values": world.values, "templates": world.templates}
     paths["world"] = out / "world.json"
-    _atomic_write(paths["world"], json.dumps(facts, indent=1) + "\n")
+    atomic_write_text(paths["world"], json.dumps(facts, indent=1) + "\n")
     log.info("wrote sandbox world (seed %d) to %s", world.config.seed, out)
     return paths
 

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,7 +32,15 @@ from typing import Any, Literal
 import torch
 
 from alignloop import checkpoint, runtime
-from alignloop.config import ConfigError, ModelConfig, OptimConfig, RunConfig, save_config, to_dict
+from alignloop.config import (
+    BatchConfig,
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    save_config,
+    to_dict,
+)
 from alignloop.data import PreferencePair, load_records
 from alignloop.losses import bradley_terry, reward_centering
 from alignloop.models import load_sequence_classifier, load_tokenizer, save_pretrained
@@ -72,35 +79,22 @@ class RewardConfig:
     """Backbone: usually the SFT policy's final folder (a causal LM gets a fresh scalar head)."""
     data: RewardDataConfig = field(default_factory=RewardDataConfig)
     """Comparisons."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=10, weight_decay=0.0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, warmup_steps=10, weight_decay=0.0))
     """Optimizer and schedule."""
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/reward", eval_every=50, save_every=100))
     """Run directory, logging, checkpoints."""
-    micro_batch_size: int = 32
-    """Pairs per forward/backward on one process (2x sequences: chosen and rejected)."""
-    grad_accum_steps: int = 1
-    """Micro-batches accumulated per optimizer step."""
-    epochs: float = 1.0
-    """Passes over the training pairs; ignored when `max_steps` > 0."""
-    max_steps: int = 0
-    """Optimizer steps to run; 0 derives it from `epochs`."""
+    batch: BatchConfig = field(default_factory=lambda: BatchConfig(micro_batch_size=32, epochs=1.0))
+    """Pairs per step (each pair is two sequences in one forward) and training length."""
     ensemble_size: int = 1
     """Number of reward heads; > 1 trains each on a bootstrap resample and reports an uncertainty."""
     center_coef: float = 0.0
     """Weight of the reward-centering term mean(r^2) (0 disables it)."""
     max_overfit_gap: float = 0.15
     """Stop when train accuracy exceeds held-out accuracy by more than this (evaluated every eval_every)."""
-    eval_batch_size: int = 64
-    """Pairs per forward in evaluation."""
-    world_size: int = 0
-    """Derived: number of processes (from the launcher)."""
-    global_batch_size: int = 0
-    """Derived: pairs per optimizer step = micro_batch_size * grad_accum_steps * world_size."""
 
     def resolve(self) -> None:
         """Compute derived sizes once."""
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.global_batch_size = self.micro_batch_size * self.grad_accum_steps * self.world_size
+        self.batch.resolve()
         if self.ensemble_size < 1:
             raise ConfigError("ensemble_size must be >= 1")
 
@@ -275,7 +269,7 @@ def _build_model(cfg: RewardConfig, models: Any) -> tuple[Any, Any]:
 def train(cfg: RewardConfig, *, models: tuple[Any, Any] | None = None) -> RewardResult:
     """Train a reward model to completion (or resume it); save it with its reward statistics."""
     # 1. runtime, data (validated before anything is written), model
-    if not cfg.global_batch_size:
+    if not cfg.batch.global_batch_size:
         cfg.resolve()
     runtime.seed_everything(cfg.run.seed, deterministic=cfg.run.deterministic)
     acc = runtime.setup_accelerator(mixed_precision=cfg.run.mixed_precision)
@@ -286,10 +280,7 @@ def train(cfg: RewardConfig, *, models: tuple[Any, Any] | None = None) -> Reward
     leaked = {p.prompt_key for p in train_set} & {p.prompt_key for p in eval_set}
     if leaked:
         raise ValueError(f"{len(leaked)} prompts are in both the training and held-out comparisons (e.g. {sorted(leaked)[0]})")
-    steps_per_epoch = len(train_set) // cfg.global_batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(f"global_batch_size {cfg.global_batch_size} > {len(train_set)} training pairs")
-    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    steps_per_epoch, total_steps = cfg.batch.total_steps(len(train_set))
     run_dir, is_main = Path(cfg.run.output_dir), acc.is_main_process
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -326,9 +317,9 @@ def train(cfg: RewardConfig, *, models: tuple[Any, Any] | None = None) -> Reward
         if epoch != order_epoch:
             gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + epoch)
             order, order_epoch = _epoch_order(train_set, gen), epoch
-        global_idx = order[pos * cfg.global_batch_size : (pos + 1) * cfg.global_batch_size]
+        global_idx = order[pos * cfg.batch.global_batch_size : (pos + 1) * cfg.batch.global_batch_size]
         weight_total = sum(sum(train_set[i].weights) for i in global_idx) / cfg.ensemble_size
-        micro_batches = runtime.split_global_batch(global_idx, acc.process_index, acc.num_processes, cfg.grad_accum_steps)
+        micro_batches = runtime.split_global_batch(global_idx, acc.process_index, acc.num_processes, cfg.batch.grad_accum_steps)
         step_stats: dict[str, float] = {}
         for micro, idx in enumerate(micro_batches):
             batch = {k: v.to(acc.device) for k, v in collate_pairs([train_set[i] for i in idx], tokenizer.pad_token_id).items()}
@@ -361,8 +352,8 @@ def train(cfg: RewardConfig, *, models: tuple[Any, Any] | None = None) -> Reward
             metrics.log(step, last)
         if eval_set and ((cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == total_steps):
             unwrapped = acc.unwrap_model(wrapped)
-            eval_acc = pair_accuracy(unwrapped, eval_set, tokenizer.pad_token_id, cfg.eval_batch_size, acc.device)
-            train_acc = pair_accuracy(unwrapped, train_set[: len(eval_set)], tokenizer.pad_token_id, cfg.eval_batch_size, acc.device)
+            eval_acc = pair_accuracy(unwrapped, eval_set, tokenizer.pad_token_id, cfg.batch.eval_batch_size, acc.device)
+            train_acc = pair_accuracy(unwrapped, train_set[: len(eval_set)], tokenizer.pad_token_id, cfg.batch.eval_batch_size, acc.device)
             last.update({"eval/rm_accuracy": eval_acc, "eval/rm_train_accuracy": train_acc})
             metrics.log(step, {"eval/rm_accuracy": eval_acc, "eval/rm_train_accuracy": train_acc})
             if train_acc - eval_acc > cfg.max_overfit_gap:
@@ -386,8 +377,8 @@ def train(cfg: RewardConfig, *, models: tuple[Any, Any] | None = None) -> Reward
     final_dir = run_dir / "final"
     if is_main:
         unwrapped = acc.unwrap_model(wrapped)
-        reference = eval_set or train_set[: cfg.eval_batch_size * 4]
-        stats = reward_statistics(*score_pairs(unwrapped, reference, tokenizer.pad_token_id, cfg.eval_batch_size, acc.device))
+        reference = eval_set or train_set[: cfg.batch.eval_batch_size * 4]
+        stats = reward_statistics(*score_pairs(unwrapped, reference, tokenizer.pad_token_id, cfg.batch.eval_batch_size, acc.device))
         save_pretrained(unwrapped, tokenizer, final_dir)
         runtime.atomic_write_json(final_dir / "reward_stats.json", {**stats, "ensemble_size": cfg.ensemble_size})
         runtime.write_run_manifest(run_dir, command="reward", config=to_dict(cfg),

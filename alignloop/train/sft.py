@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -28,7 +27,15 @@ from typing import Any, Literal
 import torch
 
 from alignloop import checkpoint, runtime
-from alignloop.config import ConfigError, ModelConfig, OptimConfig, RunConfig, save_config, to_dict
+from alignloop.config import (
+    BatchConfig,
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    save_config,
+    to_dict,
+)
 from alignloop.data import SFTExample, load_records
 from alignloop.losses import sft_nll
 from alignloop.models import build_policy, load_tokenizer, save_pretrained
@@ -66,27 +73,12 @@ class SFTConfig:
     """Optimizer and schedule."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run directory, logging, checkpoints."""
-    micro_batch_size: int = 64
-    """Examples per forward/backward on one process."""
-    grad_accum_steps: int = 1
-    """Micro-batches accumulated per optimizer step on one process."""
-    epochs: float = 4.0
-    """Passes over the training data (fractional allowed); ignored when `max_steps` > 0."""
-    max_steps: int = 0
-    """Optimizer steps to run; 0 derives it from `epochs`."""
-    eval_batch_size: int = 64
-    """Examples per forward in evaluation."""
-    world_size: int = 0
-    """Derived: number of processes (from the launcher)."""
-    global_batch_size: int = 0
-    """Derived: examples per optimizer step = micro_batch_size * grad_accum_steps * world_size."""
+    batch: BatchConfig = field(default_factory=lambda: BatchConfig(micro_batch_size=64, epochs=4.0))
+    """Batch sizes and training length."""
 
     def resolve(self) -> None:
-        """Compute derived sizes once (the launcher's WORLD_SIZE is known before training starts)."""
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.global_batch_size = self.micro_batch_size * self.grad_accum_steps * self.world_size
-        if self.micro_batch_size < 1 or self.grad_accum_steps < 1:
-            raise ConfigError("micro_batch_size and grad_accum_steps must be >= 1")
+        """Compute derived sizes once."""
+        self.batch.resolve()
 
 
 @dataclass
@@ -179,12 +171,12 @@ def _setup_tokenizer_and_model(
 def train(cfg: SFTConfig, *, models: tuple[Any, Any] | None = None) -> SFTResult:
     """Run SFT to completion (or resume it) and save the final policy in Hugging Face format."""
     # 1. runtime: seed, processes, run directory
-    if not cfg.global_batch_size:
+    if not cfg.batch.global_batch_size:
         cfg.resolve()
     runtime.seed_everything(cfg.run.seed, deterministic=cfg.run.deterministic)
     acc = runtime.setup_accelerator(mixed_precision=cfg.run.mixed_precision)
-    if acc.num_processes != cfg.world_size:
-        raise ConfigError(f"world_size: config resolved {cfg.world_size}, launcher has {acc.num_processes}")
+    if acc.num_processes != cfg.batch.world_size:
+        raise ConfigError(f"batch.world_size: config resolved {cfg.batch.world_size}, launcher has {acc.num_processes}")
     records = load_demonstrations(cfg)
     run_dir = Path(cfg.run.output_dir)
     is_main = acc.is_main_process
@@ -197,10 +189,7 @@ def train(cfg: SFTConfig, *, models: tuple[Any, Any] | None = None) -> SFTResult
     acc.wait_for_everyone()
     train_set, eval_set, data_counts = tokenize_demonstrations(cfg, records, tokenizer)
     lengths = [len(ex.input_ids) for ex in train_set]
-    steps_per_epoch = len(train_set) // cfg.global_batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(f"global_batch_size {cfg.global_batch_size} > {len(train_set)} training examples")
-    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    steps_per_epoch, total_steps = cfg.batch.total_steps(len(train_set))
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
 
@@ -237,11 +226,11 @@ def train(cfg: SFTConfig, *, models: tuple[Any, Any] | None = None) -> SFTResult
     while step < total_steps:
         epoch, pos = runtime.data_position(step, steps_per_epoch)
         if epoch != epoch_of_batches:
-            batches = length_bucketed_batches(lengths, cfg.global_batch_size, seed=cfg.run.seed, epoch=epoch, drop_last=True)
+            batches = length_bucketed_batches(lengths, cfg.batch.global_batch_size, seed=cfg.run.seed, epoch=epoch, drop_last=True)
             epoch_of_batches = epoch
         global_idx = batches[pos]
         num_tokens = sum(sum(train_set[i].loss_mask) for i in global_idx)
-        micro_batches = runtime.split_global_batch(global_idx, acc.process_index, acc.num_processes, cfg.grad_accum_steps)
+        micro_batches = runtime.split_global_batch(global_idx, acc.process_index, acc.num_processes, cfg.batch.grad_accum_steps)
         loss_sum, pad_share = torch.zeros((), device=acc.device), 0.0
         for micro, idx in enumerate(micro_batches):
             batch = {k: v.to(acc.device) for k, v in collate_sft([train_set[i] for i in idx], tokenizer.pad_token_id).items()}
@@ -286,7 +275,7 @@ def train(cfg: SFTConfig, *, models: tuple[Any, Any] | None = None) -> SFTResult
             metrics.log(step, last)
             bar.set_postfix(loss=f"{train_loss:.3f}")
         if eval_set and ((cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == total_steps):
-            last["eval/loss"] = evaluate_loss(wrapped, eval_set, tokenizer.pad_token_id, cfg.eval_batch_size, acc)
+            last["eval/loss"] = evaluate_loss(wrapped, eval_set, tokenizer.pad_token_id, cfg.batch.eval_batch_size, acc)
             metrics.log(step, {"eval/loss": last["eval/loss"]})
         if cfg.run.save_every and (step % cfg.run.save_every == 0) and step < total_steps:
             acc.wait_for_everyone()

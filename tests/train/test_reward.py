@@ -104,7 +104,7 @@ def write_pairs(path: Path, n_prompts: int, seed: int, ranking_every: int = 0) -
 
 def rm_overrides(folder: Path, data: Path, out: Path, **extra: object) -> list[str]:
     base = {"model.name_or_path": str(folder), "data.train_path": str(data), "data.eval_share": 0.2,
-            "micro_batch_size": 8, "max_steps": 50, "optim.lr": 3e-3, "optim.warmup_steps": 5,
+            "batch.micro_batch_size": 8, "batch.max_steps": 50, "optim.lr": 3e-3, "optim.warmup_steps": 5,
             "run.output_dir": str(out), "run.log_every": 1, "run.eval_every": 25, "run.save_every": 10,
             "run.progress_bar": False, "run.tensorboard": False, "max_overfit_gap": 1.0}
     base.update(extra)

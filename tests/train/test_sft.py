@@ -53,9 +53,9 @@ def overrides(data: dict[str, str], out: Path, **extra: object) -> list[str]:
         "model.tiny.num_heads": 2,
         "model.tiny.max_position_embeddings": 64,
         "data.max_length": 64,
-        "micro_batch_size": 4,
-        "grad_accum_steps": 2,
-        "max_steps": 50,
+        "batch.micro_batch_size": 4,
+        "batch.grad_accum_steps": 2,
+        "batch.max_steps": 50,
         "optim.lr": 3e-3,
         "optim.warmup_steps": 5,
         "run.output_dir": str(out),
@@ -66,7 +66,8 @@ def overrides(data: dict[str, str], out: Path, **extra: object) -> list[str]:
         "run.tensorboard": False,
         "run.record_sample_ids": True,
     }
-    base.update(extra)
+    batch_keys = {"micro_batch_size", "grad_accum_steps", "max_steps"}
+    base.update({f"batch.{k}" if k in batch_keys else k: v for k, v in extra.items()})
     return [x for k, v in base.items() for x in (f"--{k}", str(v))]
 
 
