@@ -378,3 +378,18 @@ def _gather_rng_states(accelerator: Any) -> dict[str, Any]:
     return out
 
 
+
+
+def resume(run_dir: str | os.PathLike, mode: str, *, model: torch.nn.Module, optimizer: Any = None,
+           scheduler: Any = None) -> dict[str, Any] | None:
+    """Apply `run.resume`: "auto" loads the newest complete checkpoint if there is one, "must" fails
+    without one, "never" starts fresh. Returns the trainer state, or None for a fresh start. A damaged
+    newest checkpoint is a CheckpointError in every mode but "never", never a silent fresh start."""
+    ckpt = None if mode == "never" else latest_checkpoint(run_dir)
+    if mode == "must" and ckpt is None:
+        raise CheckpointError(f"{run_dir}: run.resume=must but no complete checkpoint exists")
+    if ckpt is None:
+        return None
+    state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+    logger.info("resumed from %s at step %d", ckpt, state["step"])
+    return state

@@ -292,16 +292,14 @@ def train(cfg: RewardConfig, *, models: tuple[Any, Any] | None = None) -> Reward
     optimizer = runtime.make_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: runtime.lr_factor(s, total_steps, cfg.optim))
     guard, step = runtime.NonFiniteGuard(), 0
-    ckpt = None if cfg.run.resume == "never" else checkpoint.latest_checkpoint(run_dir)
-    if cfg.run.resume == "must" and ckpt is None:
-        raise checkpoint.CheckpointError(f"{run_dir}: run.resume=must but no complete checkpoint exists")
-    if ckpt is not None:
-        state = checkpoint.load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
-        step = state["step"]
-        guard.load_state_dict(state["guard"])
+    resumed = checkpoint.resume(run_dir, cfg.run.resume, model=model, optimizer=optimizer, scheduler=scheduler)
+    if resumed is not None:
+        step = resumed["step"]
+        guard.load_state_dict(resumed["guard"])
     wrapped, optimizer = acc.prepare(model, optimizer)
-    metrics = runtime.MetricsLogger(run_dir, enabled=is_main, tensorboard=cfg.run.tensorboard, resume_step=step if ckpt else None)
-    if is_main and ckpt is None:
+    metrics = runtime.MetricsLogger(run_dir, enabled=is_main, tensorboard=cfg.run.tensorboard,
+                                    resume_step=step if resumed else None)
+    if is_main and resumed is None:
         metrics.log(0, {"data/train_pairs": float(len(train_set)), "data/train_dropped": float(train_dropped),
                         "data/eval_pairs": float(len(eval_set)), "data/eval_dropped": float(eval_dropped)})
     bar = runtime.progress(total_steps, "reward", disable=not (is_main and cfg.run.progress_bar), initial=step)

@@ -200,21 +200,17 @@ def train(cfg: SFTConfig, *, models: tuple[Any, Any] | None = None) -> SFTResult
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: runtime.lr_factor(s, total_steps, cfg.optim))
     guard = runtime.NonFiniteGuard()
     step, tokens_seen = 0, 0
-    ckpt = None if cfg.run.resume == "never" else checkpoint.latest_checkpoint(run_dir)
-    if cfg.run.resume == "must" and ckpt is None:
-        raise checkpoint.CheckpointError(f"{run_dir}: run.resume=must but no complete checkpoint exists")
-    if ckpt is not None:
-        state = checkpoint.load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        guard.load_state_dict(state["guard"])
+    resumed = checkpoint.resume(run_dir, cfg.run.resume, model=model, optimizer=optimizer, scheduler=scheduler)
+    if resumed is not None:
+        step, tokens_seen = resumed["step"], resumed["tokens_seen"]
+        guard.load_state_dict(resumed["guard"])
         if is_main and cfg.run.record_sample_ids:
             runtime.truncate_jsonl(run_dir / "sample_ids.jsonl", max_step=step)
-        log.info("resumed from %s at step %d", ckpt, step)
     wrapped, optimizer = acc.prepare(model, optimizer)
     metrics = runtime.MetricsLogger(
-        run_dir, enabled=is_main, tensorboard=cfg.run.tensorboard, resume_step=step if ckpt else None
+        run_dir, enabled=is_main, tensorboard=cfg.run.tensorboard, resume_step=step if resumed else None
     )
-    if is_main and ckpt is None:
+    if is_main and resumed is None:
         metrics.log(0, {k: float(v) for k, v in data_counts.items()})
     bar = runtime.progress(total_steps, "sft", disable=not (is_main and cfg.run.progress_bar), initial=step)
 
