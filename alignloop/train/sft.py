@@ -146,7 +146,7 @@ def evaluate_loss(model: torch.nn.Module, examples: list[TokenizedExample], pad_
 
 
 def _setup_tokenizer_and_model(
-    cfg: SFTConfig, run_dir: Path, models: Any, train_records: list[SFTExample]
+    cfg: SFTConfig, run_dir: Path, models: Any, train_records: list[SFTExample], acc: Any
 ) -> tuple[Any, Any]:
     """Injected models win; a tiny model's tokenizer is trained once and kept in the run directory."""
     if models is not None:
@@ -159,7 +159,9 @@ def _setup_tokenizer_and_model(
         corpus = [m["content"] for r in train_records for m in r.messages]
     model, tokenizer = build_policy(cfg.model, corpus=corpus, seed=cfg.run.seed)
     if corpus is not None:
-        tokenizer.save_pretrained(saved)
+        if acc.is_main_process:  # one writer; every rank then reads the same files
+            tokenizer.save_pretrained(saved)
+        acc.wait_for_everyone()
         cfg.model.tokenizer = str(saved)
         tokenizer = load_tokenizer(str(saved))
     return model, tokenizer
@@ -185,8 +187,7 @@ def train(cfg: SFTConfig, *, models: tuple[Any, Any] | None = None) -> SFTResult
     acc.wait_for_everyone()
 
     # 2. model, tokenizer and data
-    model, tokenizer = _setup_tokenizer_and_model(cfg, run_dir, models, records[0])
-    acc.wait_for_everyone()
+    model, tokenizer = _setup_tokenizer_and_model(cfg, run_dir, models, records[0], acc)
     train_set, eval_set, data_counts = tokenize_demonstrations(cfg, records, tokenizer)
     lengths = [len(ex.input_ids) for ex in train_set]
     steps_per_epoch, total_steps = cfg.batch.total_steps(len(train_set))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from trainer_runs import run_subprocess
 
@@ -283,3 +284,14 @@ def test_malformed_data_is_a_named_error_and_writes_nothing(sft_data, tmp_path, 
     assert proc.returncode == 2
     assert f"{bad}:6" in proc.stderr and code in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_tiny_model_without_tokenizer_trains_one_and_keeps_it(sft_data, tmp_path):
+    out = tmp_path / "run"
+    args = [a for a in overrides(sft_data, out, max_steps=3, **{"run.save_every": 0}) if a != sft_data["tok"]]
+    args = [a for i, a in enumerate(args) if not (a == "--model.tokenizer")]
+    result = run_inprocess(args)
+    assert (out / "tokenizer" / "tokenizer.json").exists()
+    assert (result.final_dir / "tokenizer.json").read_text() == (out / "tokenizer" / "tokenizer.json").read_text()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model"]["tokenizer"] == str(out / "tokenizer")
