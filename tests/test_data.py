@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 import pickle
 import re
 from pathlib import Path
@@ -16,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from shared_data import shared
 
 from alignloop.data import (
     ERROR_CODES,
@@ -31,8 +31,6 @@ from alignloop.data import (
     validate_records,
 )
 from alignloop.tokenization import length_bucketed_batches
-
-SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
 def user(text: str) -> dict[str, str]:
@@ -347,17 +345,10 @@ def test_D1_validate_records_applies_the_same_rules() -> None:
 # Real data next to the repository (never copied into it).
 
 
-def _shared_file(relative: str) -> Path:
-    path = SHARED_DATA / relative
-    if not path.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{path} is missing and CI=true")
-        pytest.skip(f"{path} is absent (shared test data lives next to the repository)")
-    return path
 
 
 def test_D1_hh_rlhf_harmless_test_pairs_load() -> None:
-    pairs = load_records(_shared_file("hh-rlhf/pairs-harmless-test.jsonl"), "pair")
+    pairs = load_records(shared("hh-rlhf/pairs-harmless-test.jsonl"), "pair")
     assert len(pairs) == 1299 and pairs[0].id == "harmless-base-test-000000"
     assert len({p.id for p in pairs}) == len(pairs)
     assert all(p.prompt[-1]["role"] == "user" and p.chosen != p.rejected for p in pairs)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import krippendorff
 import numpy as np
 import pytest
+from shared_data import shared
 from statsmodels.stats import inter_rater
 
 from alignloop.agreement import (
@@ -36,17 +36,6 @@ from alignloop.preferences import (
     pandalm_votes,
     votes_to_thumbs,
 )
-
-SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-
-
-def shared(relative: str) -> Path:
-    path = SHARED_DATA / relative
-    if not path.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{path} is missing and CI=true")
-        pytest.skip(f"{path} is absent (shared test data lives next to the repository)")
-    return path
 
 
 @pytest.fixture(scope="module")
