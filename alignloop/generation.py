@@ -1,30 +1,49 @@
 """Batched sampling from a causal LM into a `Rollout` (knows nothing of rewards or losses).
 
-Prompts are left-padded so every row's next token sits at the same position; responses are
-right-padded, and everything after a row's EOS (or stop string) is masked out.
+Our own decoding loop rather than `model.generate`, so that the rollout carries the per-token
+log-probabilities PPO checks against its training forward, and so that masking, positions and
+stopping are ours to test. Prompts are left-padded so every row's next token sits in the same
+column; position ids count real tokens only, so a padded prompt sees the same logits as the prompt
+alone. One prefill forward over the prompts fills the KV cache (`past_key_values`, a
+`DynamicCache` in transformers 5), then each step feeds one token per row and grows the attention
+mask by one column. A row ends at EOS or at the token that completes a stop string; everything
+after is padding with mask 0, and the loop exits as soon as every row has ended.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignloop.config import GenConfig
-from alignloop.tensors import first_true_index
+from alignloop.tensors import logprobs_of, position_ids_from_mask
 
 
 @dataclass
 class Rollout:
-    """Sampled responses: row i answers prompt `prompt_index[i]`."""
+    """Sampled responses: row i answers prompt `prompt_index[i]`. All tensors are on the CPU."""
 
-    prompt_ids: torch.Tensor  # (N, P) left-padded
-    prompt_mask: torch.Tensor  # (N, P)
-    response_ids: torch.Tensor  # (N, R) right-padded with pad_id
-    response_mask: torch.Tensor  # (N, R) 1 on generated tokens up to and including EOS
-    prompt_index: torch.Tensor  # (N,)
-    ended: torch.Tensor  # (N,) True when the response ended with EOS or a stop string
+    prompt_ids: torch.Tensor
+    """(N, P) long: prompt tokens, left-padded with the pad id."""
+    prompt_mask: torch.Tensor
+    """(N, P) long: 1 on real prompt tokens."""
+    response_ids: torch.Tensor
+    """(N, R) long: sampled tokens, right-padded with the pad id after the row ended."""
+    response_mask: torch.Tensor
+    """(N, R) long: 1 on sampled tokens up to and including the EOS / stop-string-completing token."""
+    prompt_index: torch.Tensor
+    """(N,) long: which prompt each row answers (each prompt's `num_samples` rows are adjacent)."""
+    ended: torch.Tensor
+    """(N,) bool: True when the response ended with EOS or a stop string (False: cut at max_new_tokens)."""
+    logprobs: torch.Tensor
+    """(N, R) float32: log pi(token | prompt, earlier tokens) of each sampled token under the model's own
+    distribution, softmax of the raw logits at temperature 1 with no top-k / top-p filtering, whatever
+    `GenConfig` sampled with; it equals the sampling distribution only at T=1, top_k=0, top_p=1. 0 where
+    `response_mask` is 0. PPO uses it only to check its training forward (ratio = 1)."""
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,19 +57,130 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def _hf_generation_config(cfg: GenConfig, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
-    greedy = cfg.temperature == 0
-    return GenerationConfig(
-        max_new_tokens=cfg.max_new_tokens,
-        do_sample=not greedy,
-        temperature=None if greedy else cfg.temperature,
-        top_p=None if greedy or cfg.top_p >= 1 else cfg.top_p,
-        top_k=None if greedy or cfg.top_k <= 0 else cfg.top_k,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        stop_strings=list(cfg.stop_strings) or None,
-        use_cache=True,
-    )
+# ----------------------------------------------------------------------------------------------
+# Pure sampling helpers
+
+
+def filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Set logits below the k-th largest of each row to -inf (ties with it are kept): (B, V) -> (B, V).
+
+    `top_k <= 0` (or >= V) keeps everything.
+    """
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches `top_p`,
+    -inf elsewhere: (B, V) -> (B, V). A token is kept when the tokens strictly ahead of it in the sorted
+    order hold less than `top_p`, so the most likely token always survives; `top_p >= 1` keeps all."""
+    if top_p >= 1:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    probs = sorted_logits.softmax(dim=-1)  # (B, V)
+    mass_ahead = probs.cumsum(dim=-1) - probs  # (B, V)
+    drop = torch.zeros_like(mass_ahead, dtype=torch.bool).scatter(-1, order, mass_ahead >= top_p)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sampling_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Logits whose softmax is the sampling distribution: divide by `temperature` (> 0), then top-k,
+    then top-p on the tempered distribution (the order `transformers` uses): (B, V) -> (B, V)."""
+    return filter_top_p(filter_top_k(logits.float() / temperature, top_k), top_p)
+
+
+def sample_next_tokens(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """One token per row: argmax when `temperature == 0` (the generator is untouched), else a draw
+    from `softmax(sampling_logits(...))` with `generator`: (B, V) -> (B,)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = sampling_logits(logits, temperature, top_k, top_p).softmax(dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The decoding loop
+
+
+@dataclass
+class _Chunk:
+    """One batch's sampled part of a Rollout (tensors on the CPU)."""
+
+    tokens: torch.Tensor  # (B, S) S = steps taken
+    mask: torch.Tensor  # (B, S)
+    logprobs: torch.Tensor  # (B, S)
+    ended: torch.Tensor  # (B,)
+
+
+def _check_config(cfg: GenConfig) -> None:
+    if cfg.max_new_tokens < 1 or cfg.batch_size < 1 or cfg.num_samples < 1:
+        raise ValueError("generation: max_new_tokens, batch_size and num_samples must be >= 1")
+    if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
+        raise ValueError("generation: need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether forward takes `logits_to_keep`: the prefill then computes one row of logits per
+    prompt instead of (B, P, V). A peft wrapper passes it through to its base model."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _decode_chunk(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    cfg: GenConfig,
+    generator: torch.Generator,
+) -> _Chunk:
+    """Sample up to `cfg.max_new_tokens` for one left-padded batch, reusing the KV cache.
+
+    Rows that have ended still draw (then get the pad id), so the random stream, and with it every
+    other row's sample, does not depend on when a row stopped.
+    """
+    device = generator.device
+    mask = prompt_mask.to(device)  # (B, P)
+    batch, steps = mask.shape[0], cfg.max_new_tokens
+    tokens = torch.full((batch, steps), tokenizer.pad_token_id, dtype=torch.long, device=device)  # (B, R)
+    alive = torch.zeros((batch, steps), dtype=torch.bool, device=device)  # (B, R)
+    logprobs = torch.zeros((batch, steps), dtype=torch.float32, device=device)  # (B, R)
+    ended = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
+    extra: dict[str, Any] = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    out = model(input_ids=prompt_ids.to(device), attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                use_cache=True, **extra)
+    for step in range(steps):
+        logits = out.logits[:, -1].float()  # (B, V)
+        drawn = sample_next_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)  # (B,)
+        alive[:, step] = ~ended
+        tokens[:, step] = torch.where(ended, tokenizer.pad_token_id, drawn)
+        logprobs[:, step] = torch.where(ended, 0.0, logprobs_of(logits[:, None], drawn[:, None])[:, 0])
+        stopped = drawn == tokenizer.eos_token_id  # (B,)
+        if cfg.stop_strings:
+            rows = (~ended).nonzero().flatten().tolist()
+            texts = tokenizer.batch_decode(tokens[rows, : step + 1].tolist(), skip_special_tokens=False)
+            hits = [any(stop in text for stop in cfg.stop_strings) for text in texts]
+            stopped[rows] |= torch.tensor(hits, device=device)
+        ended |= stopped
+        if step + 1 == steps or bool(ended.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)  # (B, P + step + 1)
+        position = mask.sum(dim=1, keepdim=True) - 1  # (B, 1) = position_ids_from_mask(mask)[:, -1:]
+        out = model(input_ids=tokens[:, step : step + 1], attention_mask=mask, position_ids=position,
+                    past_key_values=out.past_key_values, use_cache=True)
+    taken = step + 1
+    return _Chunk(tokens[:, :taken].cpu(), alive[:, :taken].long().cpu(), logprobs[:, :taken].cpu(), ended.cpu())
+
+
+def _pad_to(t: torch.Tensor, width: int, value: float, left: bool = False) -> torch.Tensor:
+    """Pad the last dimension of (B, T) to `width` on the right (or left)."""
+    gap = width - t.shape[-1]
+    return torch.nn.functional.pad(t, (gap, 0) if left else (0, gap), value=value)
 
 
 @torch.no_grad()
@@ -62,61 +192,45 @@ def generate(
     *,
     seed: int | None = None,
 ) -> Rollout:
-    """Sample `cfg.num_samples` responses for each tokenised prompt, in batches of `cfg.batch_size`."""
-    if seed is not None:
-        torch.manual_seed(seed)
+    """Sample `cfg.num_samples` responses for each tokenised prompt, `cfg.batch_size` rows per batch.
+
+    The model runs in eval mode on its own device; its training mode is restored afterwards. A row
+    stops at EOS or at the token whose addition makes the decoded response (special tokens kept)
+    contain one of `cfg.stop_strings`; that token is kept in the mask.
+    """
+    _check_config(cfg)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generation: need at least one prompt, and no empty prompt")
+    device = next(model.parameters()).device
+    # An explicit generator: a given seed leaves the global RNG alone; without one, the seed is drawn
+    # from the global RNG so that a caller who seeds globally stays reproducible.
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    generator = torch.Generator(device=device).manual_seed(seed)
+    rows = [i for i in range(len(prompts)) for _ in range(cfg.num_samples)]
+    batches: list[tuple[torch.Tensor, torch.Tensor, _Chunk]] = []
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    gen_config = _hf_generation_config(cfg, tokenizer)
-    rows = [(i, p) for i, p in enumerate(prompts) for _ in range(cfg.num_samples)]
-    parts: list[tuple[torch.Tensor, ...]] = []
-    for start in range(0, len(rows), cfg.batch_size):
-        chunk = rows[start : start + cfg.batch_size]
-        ids, mask = left_pad([p for _, p in chunk], tokenizer.pad_token_id)
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_config,
-            tokenizer=tokenizer if cfg.stop_strings else None,
-        )
-        response = out[:, ids.shape[1] :].cpu()  # (n, R)
-        parts.append((ids, mask, response, torch.tensor([i for i, _ in chunk])))
-    model.train(was_training)
-    width = max(p[2].shape[1] for p in parts)
-    response_ids = torch.cat(
-        [torch.nn.functional.pad(p[2], (0, width - p[2].shape[1]), value=tokenizer.pad_token_id) for p in parts]
+    try:
+        for start in range(0, len(rows), cfg.batch_size):
+            ids, mask = left_pad([prompts[i] for i in rows[start : start + cfg.batch_size]], tokenizer.pad_token_id)
+            batches.append((ids, mask, _decode_chunk(model, tokenizer, ids, mask, cfg, generator)))
+    finally:
+        model.train(was_training)
+    prompt_width = max(ids.shape[1] for ids, _, _ in batches)
+    width = max(chunk.tokens.shape[1] for _, _, chunk in batches)
+    return Rollout(
+        prompt_ids=torch.cat([_pad_to(ids, prompt_width, tokenizer.pad_token_id, left=True) for ids, _, _ in batches]),
+        prompt_mask=torch.cat([_pad_to(mask, prompt_width, 0, left=True) for _, mask, _ in batches]),
+        response_ids=torch.cat([_pad_to(c.tokens, width, tokenizer.pad_token_id) for _, _, c in batches]),
+        response_mask=torch.cat([_pad_to(c.mask, width, 0) for _, _, c in batches]),
+        prompt_index=torch.tensor(rows, dtype=torch.long),
+        ended=torch.cat([c.ended for _, _, c in batches]),
+        logprobs=torch.cat([_pad_to(c.logprobs, width, 0.0) for _, _, c in batches]),
     )
-    prompt_width = max(p[0].shape[1] for p in parts)
-    prompt_ids = torch.cat([torch.nn.functional.pad(p[0], (prompt_width - p[0].shape[1], 0), value=tokenizer.pad_token_id) for p in parts])
-    prompt_mask = torch.cat([torch.nn.functional.pad(p[1], (prompt_width - p[1].shape[1], 0), value=0) for p in parts])
-    response_mask, ended = _mask_after_end(response_ids, tokenizer, cfg.stop_strings)
-    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, torch.cat([p[3] for p in parts]), ended)
-
-
-def _mask_after_end(
-    response_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase, stop_strings: list[str]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask = 1 up to and including the first EOS (or the token completing a stop string)."""
-    is_eos = response_ids == tokenizer.eos_token_id  # (N, R)
-    end = first_true_index(is_eos)  # (N,)
-    if stop_strings:
-        for row in range(response_ids.shape[0]):
-            text = ""
-            for t in range(int(end[row].item())):
-                text += tokenizer.decode(response_ids[row, t : t + 1])
-                if any(s in text for s in stop_strings):
-                    end[row] = t
-                    break
-    width = response_ids.shape[1]
-    ended = end < width
-    positions = torch.arange(width).expand_as(response_ids)
-    mask = (positions <= end[:, None]) & (positions < width)
-    return mask.long(), ended
 
 
 def decode_responses(rollout: Rollout, tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """Response texts without padding, EOS or special tokens."""
-    texts = []
-    for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True):
-        kept = ids[mask.bool()].tolist()
-        texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
-    return texts
+    kept = [ids[mask.bool()].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask, strict=True)]
+    return [text.strip() for text in tokenizer.batch_decode(kept, skip_special_tokens=True)]
