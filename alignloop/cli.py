@@ -113,6 +113,16 @@ def cmd_reward(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_ppo(args: argparse.Namespace, overrides: list[str]) -> int:
+    from alignloop.train import ppo
+
+    cfg = load_config(ppo.PPOConfig, args.config, overrides)
+    result = ppo.train(cfg)
+    print(json.dumps({"run_dir": str(result.run_dir), "final": str(result.final_dir), "critic": str(result.critic_dir),
+                      "steps": result.steps, "halted": result.halted, **result.metrics}))
+    return 0
+
+
 def cmd_sandbox(args: argparse.Namespace, overrides: list[str]) -> int:
     from alignloop.sandbox import SandboxConfig, build_world, write_world
 
@@ -120,31 +130,12 @@ def cmd_sandbox(args: argparse.Namespace, overrides: list[str]) -> int:
     world = build_world(cfg)
     paths = write_world(world, args.out)
     if args.prefs_per_prompt > 0:
-        paths.update(write_sandbox_preferences(world, Path(args.out), args.prefs_per_prompt))
+        from alignloop.sandbox.annotators import write_preference_files
+
+        paths.update(write_preference_files(world, Path(args.out), args.prefs_per_prompt))
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
-
-
-def write_sandbox_preferences(world: Any, out: Path, per_prompt: int) -> dict[str, Path]:
-    """Ask the world's simulated panel for `per_prompt` comparisons per training and held-out prompt."""
-    import dataclasses
-
-    from alignloop.runtime import atomic_write_text
-    from alignloop.sandbox import Panel
-
-    panel = Panel(world)
-    written = {}
-    for split, prompts in (("prefs_train", world.prompts_train), ("prefs_eval", world.prompts_eval)):
-        kinds = {p.id: p.meta.get("kind") for p in prompts}
-        rows = []
-        for pair in panel.collect_pairs(prompts, per_prompt):
-            record = dataclasses.asdict(pair)
-            record["meta"]["kind"] = kinds.get(pair.meta.get("prompt_id"))
-            rows.append(json.dumps(record, ensure_ascii=False))
-        atomic_write_text(out / f"{split}.jsonl", "\n".join(rows) + "\n")
-        written[split] = out / f"{split}.jsonl"
-    return written
 
 
 def cmd_reward_eval(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -196,6 +187,7 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace, list[str]], int]]]:
     from alignloop.quickstart import QuickstartConfig
     from alignloop.sandbox import SandboxConfig
+    from alignloop.train.ppo import PPOConfig
     from alignloop.train.reward import RewardConfig
     from alignloop.train.sft import SFTConfig
 
@@ -205,6 +197,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     _add_command(sub, "quickstart", "The main job on the embedded sandbox: world, tokenizer, tiny model, SFT, before/after table.", QuickstartConfig)
     _add_command(sub, "sft", "Supervised fine-tuning on demonstrations (prompt-masked NLL).", SFTConfig)
     _add_command(sub, "reward", "Train a reward model on preference pairs or rankings (Bradley-Terry, optional ensemble).", RewardConfig)
+    _add_command(sub, "ppo", "PPO against a reward source (reward model, sandbox gold judge, Python function or HTTP).", PPOConfig)
     p = _add_command(sub, "sandbox", "Build the sandbox world's data files (demonstrations, prompts, facts).", SandboxConfig)
     p.add_argument("--out", type=Path, required=True, help="folder to write the world into")
     p.add_argument("--prefs-per-prompt", type=int, default=0,
@@ -220,7 +213,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     p.add_argument("--prompts-file", type=Path, help="prompt records (JSONL/JSON/CSV/Parquet)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    handlers = {"quickstart": cmd_quickstart, "sft": cmd_sft, "reward": cmd_reward, "reward-eval": cmd_reward_eval, "sandbox": cmd_sandbox, "generate": cmd_generate}
+    handlers = {"quickstart": cmd_quickstart, "sft": cmd_sft, "reward": cmd_reward, "ppo": cmd_ppo, "reward-eval": cmd_reward_eval, "sandbox": cmd_sandbox, "generate": cmd_generate}
     return parser, handlers
 
 
@@ -235,11 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     from alignloop.checkpoint import CheckpointError
     from alignloop.data import DataError
     from alignloop.models import ModelError
+    from alignloop.rewards import RewardSourceError
     from alignloop.runtime import NonFiniteError
 
     try:
         return handlers[args.command](args, overrides)
-    except (ConfigError, DataError, ModelError, CheckpointError, NonFiniteError) as err:
+    except (ConfigError, DataError, ModelError, CheckpointError, NonFiniteError, RewardSourceError) as err:
         # Expected failures get one clear line (file, line, field or key), not a traceback.
         print(f"alignloop {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
         return 2

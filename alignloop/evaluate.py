@@ -21,6 +21,10 @@ from alignloop.generation import decode_responses, generate
 from alignloop.tokenization import encode_prompt
 
 AXES = ("helpful", "honest", "harmless", "overall")
+CLOSE_GAP = 0.2
+"""gold overall scores at most this far apart (and not equal): a close pair"""
+CLEAR_GAP = 0.5
+"""gold overall scores at least this far apart: a clear pair"""
 
 
 @dataclass
@@ -130,4 +134,11 @@ def reward_report(
         agree = ((mean_c > mean_r) == (gold_c > gold_r)) & decided
         report["gold/agreement"] = float(agree.sum() / decided.sum().clamp(min=1))
         report["gold/length_corr"] = pearson(torch.cat([gold_c, gold_r]), lengths)
+        gap = (gold_c - gold_r).abs()
+        uncertainty = (chosen - rejected).double().std(1) if chosen.shape[1] > 1 else torch.zeros_like(gap)
+        for name, rows in (("close", decided & (gap <= CLOSE_GAP)), ("clear", gap >= CLEAR_GAP)):
+            report[f"gold/pairs_{name}"] = float(rows.sum())
+            if rows.any():
+                report[f"gold/agreement_{name}"] = float(agree[rows].double().mean())
+                report[f"gold/uncertainty_{name}"] = float(uncertainty[rows].mean())
     return report

@@ -53,6 +53,22 @@ def test_reward_report_accuracy_by_kind_and_gold_agreement():
     assert report["rm/uncertainty"] == 0.0
 
 
+def test_reward_report_splits_agreement_and_ensemble_uncertainty_by_gold_gap():
+    prompt = [{"role": "user", "content": "q"}]
+    gold = {"a": 1.0, "b": 0.9, "c": 0.0, "d": 0.6}
+    pairs = [PreferencePair("close", prompt, "a", "b"), PreferencePair("clear", prompt, "a", "c"),
+             PreferencePair("middle", prompt, "d", "c"), PreferencePair("tie", prompt, "a", "a")]
+    # two heads; r_c - r_r per head: close (1, -1), clear (3, 5), middle (1, 1), tie (0, 0)
+    chosen = torch.tensor([[1.0, -1.0], [3.0, 5.0], [1.0, 1.0], [0.0, 0.0]])
+    rejected = torch.zeros(4, 2)
+    report = reward_report(pairs, chosen, rejected, lambda _, text: FakeScore(overall=gold[text]))
+    assert report["gold/pairs_close"] == 1.0 and report["gold/pairs_clear"] == 2.0
+    assert report["gold/agreement_close"] == 0.0  # head mean 0: not above
+    assert report["gold/agreement_clear"] == 1.0
+    assert report["gold/uncertainty_close"] == pytest.approx(math.sqrt(2.0))  # sample std of (1, -1)
+    assert report["gold/uncertainty_clear"] == pytest.approx((math.sqrt(2.0) + 0.0) / 2)
+
+
 def test_summarise_scores_by_kind():
     class P:
         def __init__(self, kind):

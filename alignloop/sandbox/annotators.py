@@ -16,12 +16,15 @@ rankings); never a gold score or a profile. The rules, defaults and measured agr
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TypeVar
 
 from alignloop.data import Edit, Message, PreferencePair, Prompt, Ranking, Rating, Thumb
@@ -31,7 +34,7 @@ from alignloop.sandbox.world import FLATTERY_WORDS, WORD_RE, AnnotatorConfig, Pa
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 
-__all__ = ["Annotator", "AnnotatorConfig", "Panel", "PanelConfig", "panel_profiles"]
+__all__ = ["Annotator", "AnnotatorConfig", "Panel", "PanelConfig", "panel_profiles", "write_preference_files"]
 
 MAX_LENGTH_WORDS = 40
 """words beyond the reference answer that the length bias counts, at most"""
@@ -325,3 +328,23 @@ class Panel:
                 hits[name].append(gap > 0)
                 hits["all"].append(gap > 0)
         return {name: sum(v) / len(v) for name, v in sorted(hits.items())}
+
+
+def write_preference_files(world: World, out: Path, per_prompt: int) -> dict[str, Path]:
+    """Ask the world's panel for `per_prompt` comparisons per training and held-out prompt and write
+    `prefs_train.jsonl` / `prefs_eval.jsonl` under `out` (each record's meta also names the prompt kind,
+    so an evaluation can report accuracy by kind)."""
+    from alignloop.runtime import atomic_write_text
+
+    panel = Panel(world)
+    written = {}
+    for split, prompts in (("prefs_train", world.prompts_train), ("prefs_eval", world.prompts_eval)):
+        kinds = {p.id: p.meta.get("kind") for p in prompts}
+        rows = []
+        for pair in panel.collect_pairs(prompts, per_prompt):
+            record = dataclasses.asdict(pair)
+            record["meta"]["kind"] = kinds.get(pair.meta.get("prompt_id"))
+            rows.append(json.dumps(record, ensure_ascii=False))
+        atomic_write_text(out / f"{split}.jsonl", "\n".join(rows) + "\n")
+        written[split] = out / f"{split}.jsonl"
+    return written

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from alignloop import checkpoint, runtime
@@ -79,11 +80,11 @@ class RewardConfig:
     """Backbone: usually the SFT policy's final folder (a causal LM gets a fresh scalar head)."""
     data: RewardDataConfig = field(default_factory=RewardDataConfig)
     """Comparisons."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, warmup_steps=10, weight_decay=0.0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10, weight_decay=0.0))
     """Optimizer and schedule."""
-    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/reward", eval_every=50, save_every=100))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/reward", eval_every=100, save_every=100))
     """Run directory, logging, checkpoints."""
-    batch: BatchConfig = field(default_factory=lambda: BatchConfig(micro_batch_size=32, epochs=1.0))
+    batch: BatchConfig = field(default_factory=lambda: BatchConfig(micro_batch_size=32, epochs=1.5))
     """Pairs per step (each pair is two sequences in one forward) and training length."""
     ensemble_size: int = 1
     """Number of reward heads; > 1 trains each on a bootstrap resample and reports an uncertainty."""
@@ -306,16 +307,16 @@ def train(cfg: RewardConfig, *, models: tuple[Any, Any] | None = None) -> Reward
 
     # 3. the loop: one global batch of pairs per optimizer step
     last: dict[str, float] = {}
-    order: list[int] = []
-    order_epoch = -1
+    batches: list[list[int]] = []
+    batches_epoch = -1
     stopped_early = False
     t0 = time.perf_counter()
     while step < total_steps:
         epoch, pos = runtime.data_position(step, steps_per_epoch)
-        if epoch != order_epoch:
-            gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + epoch)
-            order, order_epoch = _epoch_order(train_set, gen), epoch
-        global_idx = order[pos * cfg.batch.global_batch_size : (pos + 1) * cfg.batch.global_batch_size]
+        if epoch != batches_epoch:
+            batches = _epoch_batches(train_set, cfg.batch.global_batch_size, cfg.run.seed, epoch)
+            batches_epoch = epoch
+        global_idx = batches[pos]
         weight_total = sum(sum(train_set[i].weights) for i in global_idx) / cfg.ensemble_size
         micro_batches = runtime.split_global_batch(global_idx, acc.process_index, acc.num_processes, cfg.batch.grad_accum_steps)
         step_stats: dict[str, float] = {}
@@ -385,13 +386,28 @@ def train(cfg: RewardConfig, *, models: tuple[Any, Any] | None = None) -> Reward
     return RewardResult(run_dir, final_dir, step, last, stopped_early)
 
 
-def _epoch_order(pairs: list[TokenizedPair], gen: torch.Generator) -> list[int]:
-    """Shuffle prompts (so one prompt's pairs, e.g. a ranking's, stay adjacent), then list their pairs."""
+def _epoch_batches(pairs: list[TokenizedPair], batch_size: int, seed: int, epoch: int,
+                   window_batches: int = 50) -> list[list[int]]:
+    """Global batches of pair indices for one epoch, deterministic in (seed, epoch).
+
+    Prompts are shuffled, then sorted by their longest sequence within windows of `window_batches`
+    batches, cut into batches (one prompt's pairs, e.g. a ranking's, stay adjacent) and the batch order
+    shuffled: padding, the main cost of a batch, falls about twofold. The last partial batch is dropped.
+    """
     by_prompt: dict[str, list[int]] = {}
     for i, p in enumerate(pairs):
         by_prompt.setdefault(p.prompt_key, []).append(i)
-    keys = list(by_prompt)
-    return [i for j in torch.randperm(len(keys), generator=gen).tolist() for i in by_prompt[keys[j]]]
+    units = list(by_prompt.values())
+    longest = [max(max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)) for i in unit) for unit in units]
+    rng = np.random.default_rng([seed, epoch])
+    shuffled = rng.permutation(len(units)).tolist()
+    per_window = max(1, len(units) * batch_size * window_batches // max(1, len(pairs)))
+    order: list[int] = []
+    for start in range(0, len(shuffled), per_window):
+        window = sorted(shuffled[start : start + per_window], key=lambda u: longest[u])
+        order.extend(i for u in window for i in units[u])
+    batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches)).tolist()]
 
 
 def load_reward_stats(model_dir: str | Path) -> dict[str, float]:

@@ -185,9 +185,26 @@ def test_rankings_become_weighted_groups(tiny_rm, tmp_path):
     tokenized, dropped = reward.tokenize_pairs(pairs, tok, cfg, seed=0)
     assert dropped == 0 and len(tokenized) == 3 * len({reward.prompt_key(p) for p in pairs})
     assert all(abs(p.weights[0] - 1 / 3) < 1e-9 for p in tokenized)
-    order = reward._epoch_order(tokenized, torch.Generator().manual_seed(0))
-    keys = [tokenized[i].prompt_key for i in order]
-    assert all(keys[i] == keys[i - (i % 3)] for i in range(len(keys))), "a ranking's pairs must stay adjacent"
+    batches = reward._epoch_batches(tokenized, 6, seed=0, epoch=0)
+    seen = [i for b in batches for i in b]
+    assert len(seen) == len(set(seen)) == len(tokenized) // 6 * 6, "every pair at most once, only the last partial batch dropped"
+    for batch in batches:  # with 6 = 2 x 3 pairs per batch, a ranking's pairs share one batch
+        keys = [tokenized[i].prompt_key for i in batch]
+        assert keys[:3] == [keys[0]] * 3 and keys[3:] == [keys[3]] * 3 and keys[0] != keys[3]
+    assert batches == reward._epoch_batches(tokenized, 6, seed=0, epoch=0) != reward._epoch_batches(tokenized, 6, seed=0, epoch=1)
+
+
+def test_epoch_batches_cut_padding_and_drop_only_the_last_partial_batch():
+    rng = random.Random(0)
+    pairs = [reward.TokenizedPair(f"p{i}", f"q{i}", [1] * rng.randint(5, 80), [1] * rng.randint(5, 20), 0.0, [1.0])
+             for i in range(1000)]
+    width = lambda batches: sum(max(max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)) for i in b)  # noqa: E731
+                                for b in batches) / len(batches)
+    bucketed = reward._epoch_batches(pairs, 32, seed=3, epoch=0)
+    unsorted = reward._epoch_batches(pairs, 32, seed=3, epoch=0, window_batches=0)
+    assert len(bucketed) == len(unsorted) == 1000 // 32 and all(len(b) == 32 for b in bucketed)
+    assert len({i for b in bucketed for i in b}) == 32 * 31
+    assert width(bucketed) < 0.6 * width(unsorted)
 
 
 def test_T1_reward_sigkill_resumes_exactly(tiny_rm, pairs_file, rm_run, tmp_path):
