@@ -11,6 +11,9 @@ T2, T2c). Nothing is ever unpickled (T6): tensors live in safetensors, everythin
     rng-rank{r}.safetensors + .json      the same for rank r > 0 (saved with an `accelerator`)
     trainer_state.json (+ .safetensors)  the caller's `state`, plus "step"
     manifest.json                        written last: sha256 and size of every file, format version, step, time
+
+A trainer with several models (PPO: policy and critic) passes `{name: object}` mappings for `model`,
+`optimizer` and `scheduler`; each entry is stored as `model-{name}.safetensors`, `optimizer-{name}.json`, ...
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +43,9 @@ CHECKPOINT_FORMAT = "alignloop-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
-_CKPT_FILE = re.compile(r"^(model\.safetensors|(optimizer|scheduler|trainer_state|rng(-rank\d+)?)\.(json|safetensors))$")
+_CKPT_FILE = re.compile(r"^(model(-[a-z][a-z0-9_]*)?\.safetensors|((optimizer|scheduler)(-[a-z][a-z0-9_]*)?|trainer_state"
+                        r"|rng(-rank\d+)?)\.(json|safetensors))$")
+_PART_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
 # Test hook (T2): seconds to sleep between the phases of save_checkpoint, so kills land inside it.
 _SAVE_DELAY_ENV = "ALIGNLOOP_TEST_SAVE_DELAY"
@@ -136,11 +141,24 @@ def _read_tree(ckpt: Path, name: str, files: dict[str, Any]) -> Any:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Module, optimizer: Any = None,
-                    scheduler: Any = None, state: dict[str, Any] | None = None, keep_last: int | None = 2,
-                    is_main: bool = True, accelerator: Any = None) -> Path:
+def _parts(obj: Any, what: str) -> dict[str, Any]:
+    """File stem -> object: a single object is `what` itself, a mapping {name: obj} gives `what-name` each."""
+    if obj is None:
+        return {}
+    if not isinstance(obj, Mapping):
+        return {what: obj}
+    bad = [name for name in obj if not isinstance(name, str) or not _PART_NAME.match(name)]
+    if bad:
+        raise ValueError(f"{what} names must match {_PART_NAME.pattern}, got {bad}")
+    return {f"{what}-{name}": part for name, part in obj.items() if part is not None}
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Module | Mapping[str, torch.nn.Module],
+                    optimizer: Any = None, scheduler: Any = None, state: dict[str, Any] | None = None,
+                    keep_last: int | None = 2, is_main: bool = True, accelerator: Any = None) -> Path:
     """Atomically write `run_dir/checkpoints/step-{step:08d}` and keep the newest `keep_last` (None: all).
 
+    `model`, `optimizer` and `scheduler` are single objects or `{name: object}` mappings (several models).
     Only the main process writes. With `accelerator`, every rank must call this: rank states of the RNGs are
     gathered to rank 0 and all ranks wait until the checkpoint is in place.
     """
@@ -149,22 +167,26 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Mo
     state = dict(state or {})
     if state.setdefault("step", step) != step:
         raise ValueError(f"state['step'] = {state['step']} but step = {step}")
+    models = _parts(model, "model")
+    if not models:
+        raise ValueError("save_checkpoint needs a model")
     rngs = {"rng": runtime.capture_rng_state()}
     if accelerator is not None:
         is_main = accelerator.is_main_process
-        model = accelerator.unwrap_model(model)
+        models = {k: accelerator.unwrap_model(m) for k, m in models.items()}
         if accelerator.num_processes > 1:
             rngs = _gather_rng_states(accelerator)
     final = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
     if is_main:
-        _write_checkpoint(final, _unwrap(model), optimizer, scheduler, state, rngs)
+        trees = {**_parts(optimizer, "optimizer"), **_parts(scheduler, "scheduler")}
+        _write_checkpoint(final, {k: _unwrap(m) for k, m in models.items()}, trees, state, rngs)
         _prune(final.parent, keep_last)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return final
 
 
-def _write_checkpoint(final: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+def _write_checkpoint(final: Path, models: dict[str, torch.nn.Module], stateful: dict[str, Any],
                       state: dict[str, Any], rngs: dict[str, Any]) -> None:
     root = final.parent
     if not root.is_dir():
@@ -174,13 +196,13 @@ def _write_checkpoint(final: Path, model: torch.nn.Module, optimizer: Any, sched
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     tmp.chmod(0o755)  # mkdtemp makes it private
     try:
-        save_model(model, str(tmp / "model.safetensors"))
+        for stem, model in models.items():
+            save_model(model, str(tmp / f"{stem}.safetensors"))
         _test_pause()
-        if optimizer is not None:
-            _write_tree(tmp, "optimizer", optimizer.state_dict())
-            _test_pause()
-        if scheduler is not None:
-            _write_tree(tmp, "scheduler", scheduler.state_dict())
+        for stem, obj in stateful.items():  # optimizers, then schedulers
+            _write_tree(tmp, stem, obj.state_dict())
+            if stem.startswith("optimizer"):
+                _test_pause()
         for name, rng in rngs.items():
             _write_tree(tmp, name, rng)
         _write_tree(tmp, "trainer_state", state)
@@ -294,44 +316,49 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                                   "(truncated or corrupt)")
         if actual["sha256"] != expected[name][1]:
             raise CheckpointError(f"{path / name}: sha256 mismatch with {MANIFEST} (corrupt)")
-    if "model.safetensors" not in expected or "trainer_state.json" not in expected:
-        raise CheckpointError(f"{mpath}: lists no model.safetensors or trainer_state.json")
+    if not any(name.startswith("model") for name in expected) or "trainer_state.json" not in expected:
+        raise CheckpointError(f"{mpath}: lists no model safetensors file or no trainer_state.json")
     return manifest
 
 
-def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimizer: Any = None,
-                    scheduler: Any = None, restore_rng: bool = True, accelerator: Any = None) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module | Mapping[str, torch.nn.Module],
+                    optimizer: Any = None, scheduler: Any = None, restore_rng: bool = True,
+                    accelerator: Any = None) -> dict[str, Any]:
     """Verify and load a checkpoint into `model` (strict), `optimizer`, `scheduler` and the RNGs.
 
-    Returns the trainer state (with "step"). Any problem raises CheckpointError naming the file; an optimizer
-    or scheduler asked for but absent is an error too, never a silent fresh start (RELIABILITY T2b).
+    Each of `model`, `optimizer`, `scheduler` is a single object or the `{name: object}` mapping it was saved
+    with. Returns the trainer state (with "step"). Any problem raises CheckpointError naming the file; an
+    optimizer or scheduler asked for but absent is an error too, never a silent fresh start (RELIABILITY T2b).
     """
     path = Path(path)
     files = verify_checkpoint(path)["files"]
-    wanted = {"optimizer": optimizer, "scheduler": scheduler}
+    models = _parts(model, "model")
+    wanted = {**_parts(optimizer, "optimizer"), **_parts(scheduler, "scheduler")}
+    for stem in models:
+        if f"{stem}.safetensors" not in files:
+            raise CheckpointError(f"{path / (stem + '.safetensors')}: missing, but a model was given to restore")
     trees = {}
-    for name, target in wanted.items():
-        if target is not None:
-            if f"{name}.json" not in files:
-                raise CheckpointError(f"{path / (name + '.json')}: missing, but a {name} was given to restore")
-            trees[name] = _read_tree(path, name, files)
+    for name in wanted:
+        if f"{name}.json" not in files:
+            raise CheckpointError(f"{path / (name + '.json')}: missing, but a {name.split('-')[0]} was given to restore")
+        trees[name] = _read_tree(path, name, files)
     rng_name = _rng_name(accelerator.process_index if accelerator is not None else 0)
     if restore_rng:
         if f"{rng_name}.json" not in files:
             logger.warning("%s has no %s.json (different world size?): restoring rank 0's RNG", path, rng_name)
             rng_name = "rng"
-        trees["rng"] = _read_tree(path, rng_name, files)
+        rng_tree = _read_tree(path, rng_name, files)
     state = _read_tree(path, "trainer_state", files)
-    if accelerator is not None:
-        model = accelerator.unwrap_model(model)
-    _load_model(_unwrap(model), path / "model.safetensors")
+    for stem, target in models.items():
+        if accelerator is not None:
+            target = accelerator.unwrap_model(target)
+        _load_model(_unwrap(target), path / f"{stem}.safetensors")
     for name, target in wanted.items():
-        if target is not None:
-            with _reading(path / f"{name}.json", f"does not fit the {name}"):
-                target.load_state_dict(trees[name])
+        with _reading(path / f"{name}.json", f"does not fit the {name.split('-')[0]}"):
+            target.load_state_dict(trees[name])
     if restore_rng:
         with _reading(path / f"{rng_name}.json", "not a valid RNG state"):
-            runtime.restore_rng_state(trees["rng"])
+            runtime.restore_rng_state(rng_tree)
     return state
 
 
@@ -380,8 +407,8 @@ def _gather_rng_states(accelerator: Any) -> dict[str, Any]:
 
 
 
-def resume(run_dir: str | os.PathLike, mode: str, *, model: torch.nn.Module, optimizer: Any = None,
-           scheduler: Any = None) -> dict[str, Any] | None:
+def resume(run_dir: str | os.PathLike, mode: str, *, model: torch.nn.Module | Mapping[str, torch.nn.Module],
+           optimizer: Any = None, scheduler: Any = None) -> dict[str, Any] | None:
     """Apply `run.resume`: "auto" loads the newest complete checkpoint if there is one, "must" fails
     without one, "never" starts fresh. Returns the trainer state, or None for a fresh start. A damaged
     newest checkpoint is a CheckpointError in every mode but "never", never a silent fresh start."""

@@ -72,24 +72,37 @@ def cmd_quickstart(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def print_quickstart(result: Any, out_dir: str) -> None:
-    """The main job's before/after table and one sample per prompt kind."""
+    """The main job's table of gold scores after each stage and one sample per prompt kind."""
     print(f"\nSFT: {result.sft.steps} steps in {result.sft_seconds:.0f} s, final eval loss {result.sft.final_eval_loss:.3f}")
     print(f"good demonstrations in the SFT data: {100 * result.good_demo_share:.1f}%")
-    _print_eval_table(
-        "gold judge on held-out prompts, in %:",
-        [("before SFT, greedy", result.before), ("after SFT, greedy", result.after), ("after SFT, T=1", result.after_sampled)],
-    )
-    print("\nsamples (gold overall score in brackets):")
+    if result.reward is not None:
+        rm = result.reward_report
+        print(f"reward model: {result.reward.steps} steps in {result.reward_seconds:.0f} s, held-out agreement with the "
+              f"annotators {100 * rm['rm/accuracy']:.1f}%, with the gold judge {100 * rm.get('gold/agreement', float('nan')):.1f}%")
+    if result.ppo is not None:
+        m = result.ppo.metrics
+        print(f"PPO: {result.ppo.steps} steps in {result.ppo_seconds:.0f} s, reward-model score {m.get('ppo/score', float('nan')):+.2f}, "
+              f"KL to the SFT model {m.get('ppo/kl', float('nan')):.2f} nats per response")
+    rows = [("before SFT, greedy", result.before), ("after SFT, greedy", result.after), ("after SFT, T=1", result.after_sampled)]
+    if result.after_ppo is not None:
+        rows += [("after PPO, greedy", result.after_ppo), ("after PPO, T=1", result.after_ppo_sampled)]
+    _print_eval_table("gold judge on held-out prompts, in %:", rows)
+    print("\nsamples at T=1 (gold overall score in brackets):" if result.after_ppo else "\nsamples (gold overall score in brackets):")
+    columns = [("before", result.before), ("SFT", result.after_sampled if result.after_ppo else result.after)]
+    if result.after_ppo_sampled is not None:
+        columns.append(("PPO", result.after_ppo_sampled))
     seen: set[str] = set()
-    for (prompt, before, b_score), (_, after, a_score) in zip(result.before.rows, result.after.rows, strict=True):
+    for i, (prompt, _, _) in enumerate(result.before.rows):
         kind = str(prompt.meta.get("kind"))
         if kind in seen:
             continue
         seen.add(kind)
         print(f"  [{kind}] user: {_short(prompt.messages[-1]['content'], 70)}")
-        print(f"      before [{b_score.overall:.2f}]: {_short(before)}")
-        print(f"      after  [{a_score.overall:.2f}]: {_short(after)}")
-    print(f"\nrun directory: {out_dir} (final model: {result.sft.final_dir})")
+        for name, evaluation in columns:
+            _, text, score = evaluation.rows[i]
+            print(f"      {name:<6} [{score.overall:.2f}]: {_short(text)}")
+    final = result.ppo.final_dir if result.ppo is not None else result.sft.final_dir
+    print(f"\nrun directory: {out_dir} (final model: {final})")
 
 
 def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -139,27 +152,15 @@ def cmd_sandbox(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_reward_eval(args: argparse.Namespace, overrides: list[str]) -> int:
-    import torch
-
-    from alignloop.data import load_records
-    from alignloop.evaluate import reward_report
-    from alignloop.models import load_sequence_classifier, load_tokenizer
-    from alignloop.train.reward import RewardConfig, score_pairs, tokenize_pairs
+    from alignloop.train.reward import RewardConfig, evaluate_against
 
     cfg = load_config(RewardConfig, None, ["--data.max_length", str(args.max_length)])
-    pairs = load_records(str(args.pairs), "pair")
-    model, tokenizer = load_sequence_classifier(str(args.model)), load_tokenizer(str(args.model))
-    tokenized, dropped = tokenize_pairs(pairs, tokenizer, cfg, seed=0)
-    kept = {t.id for t in tokenized}
-    pairs = [p for p in pairs if p.id in kept]
-    chosen, rejected = score_pairs(model, tokenized, tokenizer.pad_token_id, 64, torch.device("cpu"))
     judge = None
     if args.sandbox_world:
         from alignloop.sandbox import GoldJudge, load_world
 
         judge = GoldJudge(load_world(args.sandbox_world)).score
-    report = {"pairs": len(pairs), "dropped": dropped, **reward_report(pairs, chosen, rejected, judge)}
-    print(json.dumps(report, indent=2))
+    print(json.dumps(evaluate_against(args.model, cfg, judge, str(args.pairs)), indent=2))
     return 0
 
 

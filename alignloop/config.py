@@ -258,15 +258,24 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {tp!r}")
 
 
-def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
-    """Instantiate `cls` from defaults updated by `values`, recursing into nested dataclasses."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+def _build(cls: type[T], values: dict[str, Any], prefix: str = "", base: Any = None) -> T:
+    """`base` (default: `cls()`) updated by `values`, recursing into nested dataclasses so that a
+    section keeps its owner's defaults (RewardConfig's run.eval_every, not RunConfig's) for the keys
+    not given."""
+    base = cls() if base is None else base
+    hints = typing.get_type_hints(type(base))
+    names = {f.name for f in dataclasses.fields(base) if f.init}
     for key in values:
         if key not in names:
             raise ConfigError(f"unknown config key '{prefix}{key}' (known: {', '.join(sorted(names))})")
-    kwargs = {key: _check_value(prefix + key, value, hints[key]) for key, value in values.items()}
-    return cls(**kwargs)
+    kwargs = {}
+    for key, value in values.items():
+        current = getattr(base, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            kwargs[key] = _build(type(current), value, f"{prefix}{key}.", current)
+        else:
+            kwargs[key] = _check_value(prefix + key, value, hints[key])
+    return dataclasses.replace(base, **kwargs)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

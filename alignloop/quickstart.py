@@ -1,5 +1,7 @@
-"""The main job on the embedded default: build the sandbox world, train its tokenizer and a tiny
-model from scratch with SFT, and compare greedy responses before and after on held-out prompts."""
+"""The main job on the embedded default, all three RLHF stages: build the sandbox world and its
+simulated annotators' comparisons, train a tokenizer and a tiny model from scratch with SFT, train a
+reward model on the comparisons, optimise the policy with PPO against it, and score every stage on
+held-out prompts with the gold judge (which no trainer sees)."""
 
 from __future__ import annotations
 
@@ -7,13 +9,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from alignloop.config import GenConfig, save_config
 from alignloop.data import Prompt
 from alignloop.evaluate import PolicyEval, evaluate_policy
 from alignloop.models import build_policy, load_causal_lm, load_tokenizer, train_tokenizer
 from alignloop.sandbox import GoldJudge, SandboxConfig, build_world, write_world
-from alignloop.train import sft
+from alignloop.sandbox.annotators import write_preference_files
+from alignloop.train import ppo, reward, sft
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +27,19 @@ class QuickstartConfig:
     """The embedded default end to end."""
 
     out_dir: str = "runs/quickstart"
-    """Everything goes under here: world/, tokenizer/, sft/."""
+    """Everything goes under here: world/, tokenizer/, sft/, reward/, ppo/."""
+    stages: Literal["sft", "reward", "ppo"] = "ppo"
+    """The last stage to run: SFT only, SFT and the reward model, or all three."""
     world: SandboxConfig = field(default_factory=SandboxConfig)
     """The sandbox world (seeded)."""
+    prefs_per_prompt: int = 3
+    """Simulated comparisons per training prompt for the reward model."""
     sft: sft.SFTConfig = field(default_factory=sft.SFTConfig)
     """SFT settings; data paths and output_dir are filled in from out_dir."""
+    reward: reward.RewardConfig = field(default_factory=reward.RewardConfig)
+    """Reward-model settings; backbone (the SFT model), data paths and output_dir are filled in."""
+    ppo: ppo.PPOConfig = field(default_factory=ppo.PPOConfig)
+    """PPO settings; policy (SFT), critic and reward (the reward model), prompts and output_dir are filled in."""
     eval_prompts: int = 300
     """Held-out prompts scored before and after (greedy)."""
     gen: GenConfig = field(default_factory=lambda: GenConfig(temperature=0.0, max_new_tokens=48))
@@ -43,11 +55,23 @@ class QuickstartConfig:
         self.sft.data.eval_path = str(root / "world" / "sft_eval.jsonl")
         self.sft.run.output_dir = str(root / "sft")
         self.sft.resolve()
+        self.reward.model.name_or_path = str(root / "sft" / "final")
+        self.reward.data.train_path = str(root / "world" / "prefs_train.jsonl")
+        self.reward.data.eval_path = str(root / "world" / "prefs_eval.jsonl")
+        self.reward.run.output_dir = str(root / "reward")
+        self.reward.resolve()
+        self.ppo.policy.name_or_path = str(root / "sft" / "final")
+        self.ppo.critic_path = str(root / "reward" / "final")
+        self.ppo.reward.source = str(root / "reward" / "final")
+        self.ppo.data.train_path = str(root / "world" / "prompts_train.jsonl")
+        self.ppo.data.eval_path = ""
+        self.ppo.run.output_dir = str(root / "ppo")
+        self.ppo.resolve()
 
 
 @dataclass
 class QuickstartResult:
-    """Scores before and after SFT, and timings."""
+    """Gold scores after each stage, the reward model's report, and timings."""
 
     before: PolicyEval
     after: PolicyEval
@@ -55,16 +79,23 @@ class QuickstartResult:
     good_demo_share: float
     sft_seconds: float
     sft: sft.SFTResult
+    reward: reward.RewardResult | None = None
+    reward_report: dict[str, float] = field(default_factory=dict)
+    reward_seconds: float = 0.0
+    ppo: ppo.PPOResult | None = None
+    ppo_seconds: float = 0.0
+    after_ppo: PolicyEval | None = None
+    after_ppo_sampled: PolicyEval | None = None
 
 
 def run(cfg: QuickstartConfig) -> QuickstartResult:
-    """Build the world, train the tokenizer, SFT the tiny model, and score before/after with the gold judge."""
+    """Build the world, then SFT, reward model and PPO (up to `cfg.stages`), scoring each with the gold judge."""
     cfg.resolve()
     root = Path(cfg.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root / "config.yaml")
 
-    # 1. the world and its judge
+    # 1. the world, its panel's comparisons, and the gold judge
     world = build_world(cfg.world)
     write_world(world, root / "world")
     judge = GoldJudge(world)
@@ -80,13 +111,35 @@ def run(cfg: QuickstartConfig) -> QuickstartResult:
     before = evaluate_policy(model, tokenizer, prompts, judge.score, cfg.gen, seed=cfg.sft.run.seed)
     del model
 
-    # 3. SFT (resumes if a checkpoint of an interrupted run exists)
+    # 3. SFT (each stage resumes if a checkpoint of an interrupted run exists)
     t0 = time.perf_counter()
-    result = sft.train(cfg.sft)
-    seconds = time.perf_counter() - t0
+    sft_result = sft.train(cfg.sft)
+    sft_seconds = time.perf_counter() - t0
+    after, sampled = _evaluate_folder(sft_result.final_dir, prompts, judge, cfg)
+    result = QuickstartResult(before, after, sampled, good_share, sft_seconds, sft_result)
+    if cfg.stages == "sft":
+        return result
 
-    # 4. the trained model, loaded back from its Hugging Face folder
-    trained, tokenizer = load_causal_lm(str(result.final_dir)), load_tokenizer(str(result.final_dir))
-    after = evaluate_policy(trained, tokenizer, prompts, judge.score, cfg.gen, seed=cfg.sft.run.seed)
-    sampled = evaluate_policy(trained, tokenizer, prompts, judge.score, cfg.sample_gen, seed=cfg.sft.run.seed)
-    return QuickstartResult(before, after, sampled, good_share, seconds, result)
+    # 4. reward model on the simulated panel's comparisons, checked against the gold judge
+    write_preference_files(world, root / "world", cfg.prefs_per_prompt)
+    t0 = time.perf_counter()
+    result.reward = reward.train(cfg.reward)
+    result.reward_seconds = time.perf_counter() - t0
+    result.reward_report = reward.evaluate_against(result.reward.final_dir, cfg.reward, judge.score)
+    if cfg.stages == "reward":
+        return result
+
+    # 5. PPO against the reward model
+    t0 = time.perf_counter()
+    result.ppo = ppo.train(cfg.ppo)
+    result.ppo_seconds = time.perf_counter() - t0
+    result.after_ppo, result.after_ppo_sampled = _evaluate_folder(result.ppo.final_dir, prompts, judge, cfg)
+    return result
+
+
+def _evaluate_folder(folder: Path, prompts: list[Prompt], judge: GoldJudge, cfg: QuickstartConfig) -> tuple[PolicyEval, PolicyEval]:
+    """Greedy and T=1 gold scores of the policy saved in `folder`."""
+    model, tokenizer = load_causal_lm(str(folder)), load_tokenizer(str(folder))
+    greedy = evaluate_policy(model, tokenizer, prompts, judge.score, cfg.gen, seed=cfg.sft.run.seed)
+    sampled = evaluate_policy(model, tokenizer, prompts, judge.score, cfg.sample_gen, seed=cfg.sft.run.seed)
+    return greedy, sampled

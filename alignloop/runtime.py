@@ -348,11 +348,12 @@ def data_position(step: int, steps_per_epoch: int) -> tuple[int, int]:
     return divmod(step, steps_per_epoch)
 
 
-def test_hooks(step: int, micro: int | None = None) -> bool:
+def test_hooks(step: int, micro: int | str | None = None) -> bool:
     """Fault injection for the reliability tests, driven by environment variables.
 
     ALIGNLOOP_TEST_KILL_AT=<step>[:<micro>] SIGKILLs the process after that optimizer step (or
-    micro-batch); ALIGNLOOP_TEST_NONFINITE_AT=<step> returns True so the caller poisons that step's loss.
+    micro-batch, or a named point inside a step such as PPO's "rollout"); ALIGNLOOP_TEST_NONFINITE_AT=<step>
+    returns True so the caller poisons that step's loss.
     """
     target = os.environ.get("ALIGNLOOP_TEST_KILL_AT")
     if target:

@@ -23,9 +23,6 @@ from pathlib import Path
 import torch
 
 from alignloop.config import load_config
-from alignloop.data import load_records
-from alignloop.evaluate import reward_report
-from alignloop.models import load_sequence_classifier, load_tokenizer
 from alignloop.sandbox import GoldJudge, SandboxConfig, build_world
 from alignloop.sandbox.annotators import write_preference_files
 from alignloop.train import reward
@@ -53,14 +50,8 @@ def run_variant(name: str, sft_dir: str, out: Path, per_prompt: int, world_seed:
     result = reward.train(cfg)
     seconds = time.perf_counter() - t0
 
-    pairs = load_records(str(paths["prefs_eval"]), "pair")
-    tokenizer = load_tokenizer(str(result.final_dir))
-    model = load_sequence_classifier(str(result.final_dir), num_labels=cfg.ensemble_size)
-    tokenized, _ = reward.tokenize_pairs(pairs, tokenizer, cfg, seed=0)
-    kept = {t.id for t in tokenized}
-    chosen, rejected = reward.score_pairs(model, tokenized, tokenizer.pad_token_id, 64, torch.device("cpu"))
-    report = reward_report([p for p in pairs if p.id in kept], chosen, rejected, GoldJudge(world).score)
-    return {"train_seconds": seconds, "steps": float(result.steps), "train_pairs": float(len(load_records(str(paths["prefs_train"]), "pair"))), **report}
+    report = reward.evaluate_against(result.final_dir, cfg, GoldJudge(world).score)
+    return {"train_seconds": seconds, "steps": float(result.steps), **report}
 
 
 def markdown(results: dict[str, dict[str, float]]) -> str:

@@ -12,6 +12,7 @@ from alignloop.config import (
     ConfigError,
     GenConfig,
     OptimConfig,
+    RunConfig,
     describe,
     field_docs,
     load_config,
@@ -113,3 +114,14 @@ def test_shipped_configs_load(name):
 
     cfg = load_config(SFTConfig, Path(__file__).parents[1] / "configs" / name)
     assert cfg.batch.global_batch_size >= 1
+
+
+def test_override_keeps_the_owning_configs_section_defaults():
+    """Overriding one key of a section must not reset the section's other keys to the shared class defaults."""
+    from alignloop.train.reward import RewardConfig
+
+    default = RewardConfig()
+    cfg = load_config(RewardConfig, None, ["--run.seed", "3", "--optim.lr", "0.01"])
+    assert cfg.run.seed == 3 and cfg.optim.lr == 0.01
+    assert cfg.run.output_dir == default.run.output_dir != RunConfig().output_dir
+    assert cfg.optim.warmup_steps == default.optim.warmup_steps != OptimConfig().warmup_steps

@@ -410,6 +410,27 @@ def _epoch_batches(pairs: list[TokenizedPair], batch_size: int, seed: int, epoch
     return [batches[i] for i in rng.permutation(len(batches)).tolist()]
 
 
+def evaluate_against(
+    model_dir: str | Path, cfg: RewardConfig, judge: Any = None, pairs_path: str = ""
+) -> dict[str, float]:
+    """`evaluate.reward_report` of a saved reward model on held-out comparisons (default: the config's
+    eval_path, else its held-out split), against a gold `judge` when one is given."""
+    from alignloop.evaluate import reward_report
+    from alignloop.rewards import num_heads
+
+    if pairs_path:
+        pairs = load_records(pairs_path, "pair")
+    else:
+        _, pairs = load_comparisons(cfg)
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_sequence_classifier(str(model_dir), num_labels=num_heads(model_dir)).eval()
+    tokenized, dropped = tokenize_pairs(pairs, tokenizer, cfg, seed=0)
+    kept = {t.id for t in tokenized}
+    chosen, rejected = score_pairs(model, tokenized, tokenizer.pad_token_id, cfg.batch.eval_batch_size, torch.device("cpu"))
+    report = reward_report([p for p in pairs if p.id in kept], chosen, rejected, judge)
+    return {"pairs": float(len(tokenized)), "dropped": float(dropped), **report}
+
+
 def load_reward_stats(model_dir: str | Path) -> dict[str, float]:
     """The reward statistics saved with a reward model (mean, std), for normalising its scores."""
     path = Path(model_dir) / "reward_stats.json"
