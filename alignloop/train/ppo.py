@@ -88,6 +88,10 @@ class PPORewardConfig:
     """Clip the (normalised) score to [-clip, clip]; 0 disables clipping."""
     no_eos_penalty: float = 0.0
     """Subtracted from the score of a response cut at gen.max_new_tokens before its EOS."""
+    eval_sources: list[str] = field(default_factory=list)
+    """Judges that never train the policy, scored on the held-out samples as `eval/<name>_score`: entries
+    NAME=SPEC (e.g. gold=sandbox:runs/world, or a second reward model). A proxy score that rises while
+    these fall is reward hacking."""
 
 
 @dataclass
@@ -477,14 +481,31 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_ste
 
 
 @torch.no_grad()
-def evaluate(cfg: PPOConfig, models: PPOModels, prompts: list[EncodedPrompt], score_fn: RewardSource) -> dict[str, float]:
-    """Sample once per held-out prompt (fixed seed, so steps compare) and score with the reward source."""
+def eval_judges(specs: list[str], device: torch.device) -> dict[str, RewardSource]:
+    """The held-out judges of `reward.eval_sources`, by name (NAME=SPEC)."""
+    judges = {}
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        if not sep or not name.isidentifier():
+            raise ConfigError(f"reward.eval_sources: expected NAME=SPEC with NAME a plain word, got {spec!r}")
+        judges[name] = reward_source(source, device)
+    return judges
+
+
+def evaluate(cfg: PPOConfig, models: PPOModels, prompts: list[EncodedPrompt], score_fn: RewardSource,
+             judges: dict[str, RewardSource] | None = None) -> dict[str, float]:
+    """Sample once per held-out prompt (fixed seed, so steps compare); score with the reward source and each judge."""
     gen = copy.copy(cfg.gen)
     gen.num_samples = 1
     rollout = generate(models.policy, models.tokenizer, [p.input_ids for p in prompts], gen, seed=step_seed(cfg.run.seed, 0, 2))
-    scores = score_fn([prompts[i].messages for i in rollout.prompt_index.tolist()], decode_responses(rollout, models.tokenizer))
-    return {"eval/score": float(scores.mean()), "eval/response_length": float(rollout.response_mask.sum(1).float().mean()),
-            "eval/no_eos_share": float((~rollout.ended).float().mean())}
+    messages = [prompts[i].messages for i in rollout.prompt_index.tolist()]
+    responses = decode_responses(rollout, models.tokenizer)
+    stats = {"eval/score": float(score_fn(messages, responses).mean()),
+             "eval/response_length": float(rollout.response_mask.sum(1).float().mean()),
+             "eval/no_eos_share": float((~rollout.ended).float().mean())}
+    for name, judge in (judges or {}).items():
+        stats[f"eval/{name}_score"] = float(judge(messages, responses).mean())
+    return stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,6 +531,7 @@ def train(cfg: PPOConfig, *, models: PPOModels | None = None, reward_fn: RewardS
     score_fn = reward_fn or reward_source(cfg.reward.source, device, normalize=cfg.reward.normalize == "saved")
     if reward_fn is not None and cfg.reward.normalize == "saved":
         raise ConfigError("reward.normalize=saved needs a reward-model folder as reward.source")
+    judges = eval_judges(cfg.reward.eval_sources, device)
     train_prompts, eval_prompts, data_counts = load_prompts(cfg, tokenizer)
     steps_per_epoch = len(train_prompts) // cfg.rollout_prompts
     run_dir = Path(cfg.run.output_dir)
@@ -598,7 +620,7 @@ def train(cfg: PPOConfig, *, models: PPOModels | None = None, reward_fn: RewardS
                       "perf/forward_s": t3 - t2, "perf/train_s": t4 - t3,
                       "perf/steps_per_s": step / max(1e-9, time.perf_counter() - t_start)})
         if eval_prompts and ((cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == cfg.total_steps):
-            stats.update(evaluate(cfg, models, eval_prompts, score_fn))
+            stats.update(evaluate(cfg, models, eval_prompts, score_fn, judges))
         last = stats
         if step % cfg.run.log_every == 0 or step == cfg.total_steps:
             metrics.log(step, stats)

@@ -352,3 +352,24 @@ def test_checkpoint_with_named_models_round_trips_and_a_missing_part_is_named(tm
     with pytest.raises(checkpoint.CheckpointError, match="optimizer-policy.json: missing"):
         single = checkpoint.save_checkpoint(tmp_path / "single", 1, model=models["policy"])
         checkpoint.load_checkpoint(single, model=models["policy"], optimizer={"policy": optims["policy"]}, restore_rng=False)
+
+
+def test_eval_sources_score_the_held_out_samples_and_never_train(assets, tmp_path):
+    """A held-out judge is logged as eval/<name>_score; naming errors are caught before anything runs."""
+    out = tmp_path / "run"
+    cfg = config(assets, out, total_steps=2, **{"data.eval_path": assets["eval"], "run.eval_every": 1,
+                                                "reward.eval_sources": ["letters=python:test_ppo:letter_reward",
+                                                                        "half=python:test_ppo:half_reward"]})
+    ppo.train(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/score" in r]
+    assert len(evals) == 2
+    for row in evals:  # the training reward is letter_reward too: the same samples give the same mean
+        assert row["eval/letters_score"] == pytest.approx(row["eval/score"], abs=1e-6)
+        assert row["eval/half_score"] == 0.5
+    with pytest.raises(ConfigError, match="NAME=SPEC"):
+        ppo.train(config(assets, tmp_path / "bad", **{"reward.eval_sources": ["python:test_ppo:half_reward"]}))
+
+
+def half_reward(prompt: list[dict[str, str]], response: str) -> float:
+    return 0.5
