@@ -108,12 +108,16 @@ def test_parse_overrides_rejects_positional():
         parse_overrides(["lr", "1"])
 
 
-@pytest.mark.parametrize("name", ["sandbox_sft.yaml", "hf_sft.yaml"])
+@pytest.mark.parametrize("name", ["sandbox_sft.yaml", "hf_sft.yaml", "sandbox_reward.yaml", "sandbox_ppo.yaml"])
 def test_shipped_configs_load(name):
     from pathlib import Path
 
-    cfg = load_config(SFTConfig, Path(__file__).parents[1] / "configs" / name)
-    assert cfg.batch.global_batch_size >= 1
+    from alignloop.train.ppo import PPOConfig
+    from alignloop.train.reward import RewardConfig
+
+    cls = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}[name.removesuffix(".yaml").split("_")[-1]]
+    cfg = load_config(cls, Path(__file__).parents[1] / "configs" / name)
+    assert cfg.run.output_dir.startswith("runs/")
 
 
 def test_override_keeps_the_owning_configs_section_defaults():

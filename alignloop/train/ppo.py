@@ -555,8 +555,9 @@ def train(cfg: PPOConfig, *, models: PPOModels | None = None, reward_fn: RewardS
         if cfg.run.record_sample_ids:
             runtime.truncate_jsonl(run_dir / "sample_ids.jsonl", max_step=step)
     metrics = runtime.MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, resume_step=step if resumed else None)
-    if resumed is None:
-        metrics.log(0, data_counts)
+    if resumed is None:  # the starting policy's held-out scores are the baseline every later eval compares with
+        start = evaluate(cfg, models, eval_prompts, score_fn, judges) if eval_prompts and cfg.run.eval_every else {}
+        metrics.log(0, {**data_counts, **start})
     bar = runtime.progress(cfg.total_steps, "ppo", disable=not cfg.run.progress_bar, initial=step)
     order: list[int] = []
     order_epoch, last, halted = -1, {}, None

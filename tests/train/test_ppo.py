@@ -363,7 +363,7 @@ def test_eval_sources_score_the_held_out_samples_and_never_train(assets, tmp_pat
     ppo.train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/score" in r]
-    assert len(evals) == 2
+    assert [r["step"] for r in evals] == [0, 1, 2]  # step 0: the starting policy, the baseline
     for row in evals:  # the training reward is letter_reward too: the same samples give the same mean
         assert row["eval/letters_score"] == pytest.approx(row["eval/score"], abs=1e-6)
         assert row["eval/half_score"] == 0.5
