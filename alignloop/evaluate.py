@@ -101,6 +101,15 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x @ y).item() / denom) if denom > 0 else float("nan")
 
 
+def preference_disagreement(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Ensemble uncertainty of each pair: std over heads of P_k(chosen > rejected) = sigmoid(r_c,k - r_r,k):
+    (N, K), (N, K) -> (N,), zeros for one head. On the probability scale, heads that agree a pair is
+    clear give ~0 however far apart their rewards are; a pair worth labelling shows as disagreement."""
+    if chosen.shape[1] < 2:
+        return torch.zeros(chosen.shape[0], dtype=torch.float64)
+    return torch.sigmoid((chosen - rejected).double()).std(1)
+
+
 def reward_report(
     pairs: Sequence[Any],
     chosen: torch.Tensor,
@@ -121,7 +130,7 @@ def reward_report(
         "rm/reward_p05": float(rewards.quantile(0.05)),
         "rm/reward_p95": float(rewards.quantile(0.95)),
         "rm/length_corr": pearson(rewards, lengths),
-        "rm/uncertainty": float((chosen - rejected).std(1).mean()) if chosen.shape[1] > 1 else 0.0,
+        "rm/uncertainty": float(preference_disagreement(chosen, rejected).mean()),
     }
     kinds = sorted({str(p.meta.get("kind")) for p in pairs if "kind" in p.meta})
     for kind in kinds:
@@ -135,7 +144,7 @@ def reward_report(
         report["gold/agreement"] = float(agree.sum() / decided.sum().clamp(min=1))
         report["gold/length_corr"] = pearson(torch.cat([gold_c, gold_r]), lengths)
         gap = (gold_c - gold_r).abs()
-        uncertainty = (chosen - rejected).double().std(1) if chosen.shape[1] > 1 else torch.zeros_like(gap)
+        uncertainty = preference_disagreement(chosen, rejected)
         for name, rows in (("close", decided & (gap <= CLOSE_GAP)), ("clear", gap >= CLEAR_GAP)):
             report[f"gold/pairs_{name}"] = float(rows.sum())
             if rows.any():

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from alignloop.config import GenConfig, save_config
+from alignloop.config import GenConfig, load_config, save_config
 from alignloop.data import Prompt
 from alignloop.evaluate import PolicyEval, evaluate_policy
 from alignloop.models import build_policy, load_causal_lm, load_tokenizer, train_tokenizer
@@ -20,6 +20,14 @@ from alignloop.sandbox.annotators import write_preference_files
 from alignloop.train import ppo, reward, sft
 
 log = logging.getLogger(__name__)
+
+
+SANDBOX_PPO = [
+    "--total_steps", "60", "--reward.normalize", "saved", "--data.max_eval_prompts", "128",
+    "--kl.init_coef", "0.3", "--kl.adaptive", "false", "--run.eval_every", "10", "--run.save_every", "20",
+]
+"""PPO on the sandbox: a fixed KL coefficient of 0.3 per nat (with 0.05 the policy found, within 30 steps,
+one admission string the reward model overrates and said it to every prompt: gold overall fell 8 points)."""
 
 
 @dataclass
@@ -38,8 +46,9 @@ class QuickstartConfig:
     """SFT settings; data paths and output_dir are filled in from out_dir."""
     reward: reward.RewardConfig = field(default_factory=reward.RewardConfig)
     """Reward-model settings; backbone (the SFT model), data paths and output_dir are filled in."""
-    ppo: ppo.PPOConfig = field(default_factory=ppo.PPOConfig)
-    """PPO settings; policy (SFT), critic and reward (the reward model), prompts and output_dir are filled in."""
+    ppo: ppo.PPOConfig = field(default_factory=lambda: load_config(ppo.PPOConfig, None, SANDBOX_PPO))
+    """PPO settings (SANDBOX_PPO over PPOConfig's defaults); policy (SFT), critic and reward (the reward
+    model), prompts, the gold judge as a held-out watcher and output_dir are filled in."""
     eval_prompts: int = 300
     """Held-out prompts scored before and after (greedy)."""
     gen: GenConfig = field(default_factory=lambda: GenConfig(temperature=0.0, max_new_tokens=48))
@@ -64,7 +73,8 @@ class QuickstartConfig:
         self.ppo.critic_path = str(root / "reward" / "final")
         self.ppo.reward.source = str(root / "reward" / "final")
         self.ppo.data.train_path = str(root / "world" / "prompts_train.jsonl")
-        self.ppo.data.eval_path = ""
+        self.ppo.data.eval_path = str(root / "world" / "prompts_eval.jsonl")
+        self.ppo.reward.eval_sources = [f"gold=sandbox:{root / 'world'}"]
         self.ppo.run.output_dir = str(root / "ppo")
         self.ppo.resolve()
 

@@ -65,8 +65,9 @@ def test_reward_report_splits_agreement_and_ensemble_uncertainty_by_gold_gap():
     assert report["gold/pairs_close"] == 1.0 and report["gold/pairs_clear"] == 2.0
     assert report["gold/agreement_close"] == 0.0  # head mean 0: not above
     assert report["gold/agreement_clear"] == 1.0
-    assert report["gold/uncertainty_close"] == pytest.approx(math.sqrt(2.0))  # sample std of (1, -1)
-    assert report["gold/uncertainty_clear"] == pytest.approx((math.sqrt(2.0) + 0.0) / 2)
+    s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731  sample std of two values a, b is |a - b| / sqrt(2)
+    assert report["gold/uncertainty_close"] == pytest.approx((s(1) - s(-1)) / math.sqrt(2))
+    assert report["gold/uncertainty_clear"] == pytest.approx(((s(5) - s(3)) / math.sqrt(2) + 0.0) / 2)
 
 
 def test_summarise_scores_by_kind():
