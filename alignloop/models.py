@@ -127,11 +127,17 @@ def tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, seed: i
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer by hub name or folder; a missing pad token falls back to EOS (data.py keeps EOS labels)."""
+    """Load a tokenizer by hub name or folder; a missing pad token falls back to EOS (data.py keeps EOS labels).
+
+    Encoder tokenizers (BERT-like) have no EOS but a separator that ends a sequence: it serves as EOS,
+    so an encoder can be a reward model on the same tokenised conversations.
+    """
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load tokenizer {name_or_path!r}: {err}") from err
+    if tokenizer.eos_token is None and getattr(tokenizer, "sep_token", None) is not None:
+        tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelError(f"tokenizer {name_or_path!r} has neither a pad nor an EOS token")

@@ -330,13 +330,13 @@ class Panel:
         return {name: sum(v) / len(v) for name, v in sorted(hits.items())}
 
 
-def write_preference_files(world: World, out: Path, per_prompt: int) -> dict[str, Path]:
-    """Ask the world's panel for `per_prompt` comparisons per training and held-out prompt and write
-    `prefs_train.jsonl` / `prefs_eval.jsonl` under `out` (each record's meta also names the prompt kind,
-    so an evaluation can report accuracy by kind)."""
+def write_preference_files(world: World, out: Path, per_prompt: int, panel_cfg: PanelConfig | None = None) -> dict[str, Path]:
+    """Ask the world's panel (or one built from `panel_cfg`) for `per_prompt` comparisons per training and
+    held-out prompt and write `prefs_train.jsonl` / `prefs_eval.jsonl` under `out` (each record's meta also
+    names the prompt kind, so an evaluation can report accuracy by kind)."""
     from alignloop.runtime import atomic_write_text
 
-    panel = Panel(world)
+    panel = Panel(world, panel_cfg)
     written = {}
     for split, prompts in (("prefs_train", world.prompts_train), ("prefs_eval", world.prompts_eval)):
         kinds = {p.id: p.meta.get("kind") for p in prompts}

@@ -310,6 +310,7 @@ def train(cfg: RewardConfig, *, models: tuple[Any, Any] | None = None) -> Reward
     batches: list[list[int]] = []
     batches_epoch = -1
     stopped_early = False
+    eval_scores: tuple[torch.Tensor, torch.Tensor] | None = None
     t0 = time.perf_counter()
     while step < total_steps:
         epoch, pos = runtime.data_position(step, steps_per_epoch)
@@ -351,8 +352,9 @@ def train(cfg: RewardConfig, *, models: tuple[Any, Any] | None = None) -> Reward
             metrics.log(step, last)
         if eval_set and ((cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == total_steps):
             unwrapped = acc.unwrap_model(wrapped)
-            eval_acc = pair_accuracy(unwrapped, eval_set, tokenizer.pad_token_id, cfg.batch.eval_batch_size, acc.device)
-            train_acc = pair_accuracy(unwrapped, train_set[: len(eval_set)], tokenizer.pad_token_id, cfg.batch.eval_batch_size, acc.device)
+            eval_scores = score_pairs(unwrapped, eval_set, tokenizer.pad_token_id, cfg.batch.eval_batch_size, acc.device)
+            eval_acc = float((eval_scores[0].mean(1) > eval_scores[1].mean(1)).float().mean())
+            train_acc = pair_accuracy(unwrapped, train_set[: min(len(eval_set), 512)], tokenizer.pad_token_id, cfg.batch.eval_batch_size, acc.device)
             last.update({"eval/rm_accuracy": eval_acc, "eval/rm_train_accuracy": train_acc})
             metrics.log(step, {"eval/rm_accuracy": eval_acc, "eval/rm_train_accuracy": train_acc})
             if train_acc - eval_acc > cfg.max_overfit_gap:
@@ -376,8 +378,10 @@ def train(cfg: RewardConfig, *, models: tuple[Any, Any] | None = None) -> Reward
     final_dir = run_dir / "final"
     if is_main:
         unwrapped = acc.unwrap_model(wrapped)
-        reference = eval_set or train_set[: cfg.batch.eval_batch_size * 4]
-        stats = reward_statistics(*score_pairs(unwrapped, reference, tokenizer.pad_token_id, cfg.batch.eval_batch_size, acc.device))
+        if eval_scores is None:  # the last evaluation, when there was one, scored the final model
+            reference = eval_set or train_set[: cfg.batch.eval_batch_size * 4]
+            eval_scores = score_pairs(unwrapped, reference, tokenizer.pad_token_id, cfg.batch.eval_batch_size, acc.device)
+        stats = reward_statistics(*eval_scores)  # the final model's held-out scores (computed once)
         save_pretrained(unwrapped, tokenizer, final_dir)
         runtime.atomic_write_json(final_dir / "reward_stats.json", {**stats, "ensemble_size": cfg.ensemble_size})
         runtime.write_run_manifest(run_dir, command="reward", config=to_dict(cfg),
@@ -411,17 +415,16 @@ def _epoch_batches(pairs: list[TokenizedPair], batch_size: int, seed: int, epoch
 
 
 def evaluate_against(
-    model_dir: str | Path, cfg: RewardConfig, judge: Any = None, pairs_path: str = ""
+    model_dir: str | Path, cfg: RewardConfig, judge: Any = None, pairs_path: str = "",
+    pairs: list[PreferencePair] | None = None,
 ) -> dict[str, float]:
-    """`evaluate.reward_report` of a saved reward model on held-out comparisons (default: the config's
-    eval_path, else its held-out split), against a gold `judge` when one is given."""
+    """`evaluate.reward_report` of a saved reward model on held-out comparisons (`pairs`, else the file
+    `pairs_path`, else the config's eval_path or held-out split), against a gold `judge` when one is given."""
     from alignloop.evaluate import reward_report
     from alignloop.rewards import num_heads
 
-    if pairs_path:
-        pairs = load_records(pairs_path, "pair")
-    else:
-        _, pairs = load_comparisons(cfg)
+    if pairs is None:
+        pairs = load_records(pairs_path, "pair") if pairs_path else load_comparisons(cfg)[1]
     tokenizer = load_tokenizer(str(model_dir))
     model = load_sequence_classifier(str(model_dir), num_labels=num_heads(model_dir)).eval()
     tokenized, dropped = tokenize_pairs(pairs, tokenizer, cfg, seed=0)
