@@ -7,6 +7,7 @@ directly and no pickle is ever read.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -156,10 +157,38 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", lora: LoRAConfig |
     return apply_lora(model, lora, task_type="CAUSAL_LM") if lora and lora.r > 0 else model
 
 
+def num_heads(model_dir: str | Path) -> int:
+    """Number of score heads saved in a model folder (rows of `score.weight`; 1 when it has no head yet).
+
+    Read from the safetensors header, since the config does not say: transformers omits the default
+    2-label `id2label` when saving, and loading with another `num_labels` silently re-initialises the head.
+    """
+    from safetensors import safe_open
+
+    folder = Path(model_dir)
+    files = [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shard = json.loads(index.read_text(encoding="utf-8"))["weight_map"].get("score.weight")
+        files = [folder / shard] if shard else []
+    for path in files:
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                if "score.weight" in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    return int(f.get_slice("score.weight").get_shape()[0])
+    return 1
+
+
 def load_sequence_classifier(
-    name_or_path: str, dtype: str = "float32", num_labels: int = 1, lora: LoRAConfig | None = None
+    name_or_path: str, dtype: str = "float32", num_labels: int | None = None, lora: LoRAConfig | None = None
 ) -> PreTrainedModel:
-    """Load a model with a scalar (or `num_labels`) head on top: causal LM or encoder backbones alike."""
+    """Load a model with a scalar (or `num_labels`) head on top: causal LM or encoder backbones alike.
+
+    `num_labels=None` keeps the heads a saved reward model already has (`num_heads`), or one fresh head
+    on a backbone: passing another count would silently re-initialise a trained head.
+    """
+    if num_labels is None:
+        num_labels = num_heads(name_or_path) if Path(name_or_path).is_dir() else 1
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             name_or_path, num_labels=num_labels, dtype=resolve_dtype(dtype), use_safetensors=True

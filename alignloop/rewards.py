@@ -64,28 +64,6 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     return model.score(picked)  # (B, K)
 
 
-def num_heads(model_dir: str | Path) -> int:
-    """Number of score heads saved in a model folder (rows of `score.weight`; 1 when it has no head yet).
-
-    Read from the safetensors header, since the config does not say: transformers omits the default
-    2-label `id2label` when saving, and loading with another `num_labels` silently re-initialises the head.
-    """
-    from safetensors import safe_open
-
-    folder = Path(model_dir)
-    files = [folder / "model.safetensors"]
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shard = json.loads(index.read_text(encoding="utf-8"))["weight_map"].get("score.weight")
-        files = [folder / shard] if shard else []
-    for path in files:
-        if path.is_file():
-            with safe_open(str(path), framework="pt") as f:
-                if "score.weight" in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    return int(f.get_slice("score.weight").get_shape()[0])
-    return 1
-
-
 def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Head outputs at every position (a critic's values): (B, T) -> (B, T, K), positions counted over real tokens.
 
@@ -135,7 +113,7 @@ class RewardModelSource:
         self.name = str(path)
         self.device = torch.device(device)
         self.tokenizer = load_tokenizer(self.name)
-        self.model: torch.nn.Module = load_sequence_classifier(self.name, dtype, num_heads(path))
+        self.model: torch.nn.Module = load_sequence_classifier(self.name, dtype)
         self.model.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]
         self.batch_size = batch_size
         self.max_length = max_length or getattr(self.model.config, "max_position_embeddings", None)

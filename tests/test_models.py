@@ -58,6 +58,15 @@ def test_sequence_classifier_from_a_causal_lm_folder(tokenizer, tmp_path):
     assert rm(ids).logits.shape == (1, 1)
 
 
+def test_saved_ensemble_head_is_reloaded_not_reinitialised(tokenizer, tmp_path):
+    backbone = models.save_pretrained(models.tiny_model(TINY, tokenizer), tokenizer, tmp_path / "m")
+    rm = models.load_sequence_classifier(str(backbone), num_labels=3)
+    saved = models.save_pretrained(rm, tokenizer, tmp_path / "rm")
+    assert models.num_heads(saved) == 3 and models.num_heads(backbone) == 1
+    again = models.load_sequence_classifier(str(saved))
+    assert torch.equal(again.score.weight, rm.score.weight)
+
+
 def test_missing_model_is_a_named_error(tmp_path):
     with pytest.raises(models.ModelError, match="nothing-here"):
         models.load_causal_lm(str(tmp_path / "nothing-here"))

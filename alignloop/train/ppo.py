@@ -48,7 +48,7 @@ from alignloop.data import load_records
 from alignloop.generation import Rollout, _accepts_logits_to_keep, decode_responses, generate
 from alignloop.losses import entropy_from_logits, explained_variance, ppo_policy_loss, value_loss
 from alignloop.models import build_policy, load_sequence_classifier, save_pretrained
-from alignloop.rewards import RewardSource, RunningScoreNorm, num_heads, reward_source, token_scores
+from alignloop.rewards import RewardSource, RunningScoreNorm, reward_source, token_scores
 from alignloop.tensors import exact_div, logprobs_of, masked_mean, masked_whiten, position_ids_from_mask
 from alignloop.tokenization import encode_prompt
 
@@ -291,7 +291,7 @@ def build_models(cfg: PPOConfig, device: torch.device) -> PPOModels:
                           "(with a non-model reward source, set critic_from: policy or critic_path)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)  # a fresh value head's init depends on the seed only
-        critic = load_sequence_classifier(path, cfg.policy.dtype, num_heads(path))
+        critic = load_sequence_classifier(path, cfg.policy.dtype)
     if critic.config.vocab_size != policy.config.vocab_size:
         raise ConfigError(f"critic {path!r} has a vocabulary of {critic.config.vocab_size}, the policy "
                           f"{policy.config.vocab_size}: the critic must read the policy's tokens")

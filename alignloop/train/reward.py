@@ -421,12 +421,11 @@ def evaluate_against(
     """`evaluate.reward_report` of a saved reward model on held-out comparisons (`pairs`, else the file
     `pairs_path`, else the config's eval_path or held-out split), against a gold `judge` when one is given."""
     from alignloop.evaluate import reward_report
-    from alignloop.rewards import num_heads
 
     if pairs is None:
         pairs = load_records(pairs_path, "pair") if pairs_path else load_comparisons(cfg)[1]
     tokenizer = load_tokenizer(str(model_dir))
-    model = load_sequence_classifier(str(model_dir), num_labels=num_heads(model_dir)).eval()
+    model = load_sequence_classifier(str(model_dir)).eval()
     tokenized, dropped = tokenize_pairs(pairs, tokenizer, cfg, seed=0)
     kept = {t.id for t in tokenized}
     chosen, rejected = score_pairs(model, tokenized, tokenizer.pad_token_id, cfg.batch.eval_batch_size, torch.device("cpu"))
