@@ -123,12 +123,23 @@ class RewardModelSource:
 
             self.stats = load_reward_stats(path)
         self.stripped_special = 0
+        self.replaced_chars = 0
 
     def _clean(self, text: str) -> str:
+        """A policy may emit anything; the data rules refuse spelled-out special tokens, NUL and lone
+        surrogates in text. Score what is left (NUL and surrogates become U+FFFD / '?') and count it."""
         for special in self.tokenizer.all_special_tokens:
             if special and special in text:
                 self.stripped_special += 1
                 text = text.replace(special, "")
+        if "\x00" in text:
+            text = text.replace("\x00", "\ufffd")
+            self.replaced_chars += 1
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "replace").decode("utf-8")
+            self.replaced_chars += 1
         return text
 
     def _tokens(self, prompt: Sequence[Message], response: str, index: int) -> list[int]:

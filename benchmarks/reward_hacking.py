@@ -65,17 +65,20 @@ def main() -> None:
     rm_cfg = load_config(reward.RewardConfig, None, [
         "--model.name_or_path", str(sft_dir), "--data.train_path", str(data["prefs_train"]),
         "--data.eval_path", str(data["prefs_eval"]), "--run.output_dir", str(args.out / "reward"), "--run.progress_bar", "false"])
-    rm = reward.train(rm_cfg)
+    rm_final = args.out / "reward" / "final"
+    if not (rm_final / "reward_stats.json").exists():  # a finished reward model is reused on a rerun
+        rm_final = reward.train(rm_cfg).final_dir
 
     curves = {}
     for name, extra in RUNS.items():
         run_dir = args.out / name.replace(" ", "_")
         cfg = load_config(ppo.PPOConfig, None, [
             *SANDBOX_PPO, "--total_steps", str(args.steps), "--run.eval_every", "5", "--run.progress_bar", "false",
-            "--policy.name_or_path", str(sft_dir), "--reward.source", str(rm.final_dir), "--critic_path", str(rm.final_dir),
+            "--policy.name_or_path", str(sft_dir), "--reward.source", str(rm_final), "--critic_path", str(rm_final),
             "--data.train_path", str(world_dir / "prompts_train.jsonl"), "--data.eval_path", str(world_dir / "prompts_eval.jsonl"),
             "--reward.eval_sources", json.dumps([f"gold=sandbox:{world_dir}"]), "--run.output_dir", str(run_dir), *extra])
-        ppo.train(cfg)
+        if not (run_dir / "final").exists():  # a finished run is reused on a rerun
+            ppo.train(cfg)
         curves[name] = eval_curve(run_dir)
         first, last = curves[name][0], curves[name][-1]
         print(f"{name}: proxy {first['eval/score']:+.2f} -> {last['eval/score']:+.2f}, gold {first['eval/gold_score']:.3f} -> "

@@ -90,6 +90,14 @@ def test_reward_model_source_strips_spelled_out_special_tokens(rm_folder):
     assert torch.allclose(spelled, source([PROMPTS[0]], ["clear kind"]), atol=1e-6)
 
 
+def test_reward_model_source_scores_nul_and_lone_surrogates_instead_of_failing(rm_folder):
+    """A sampled policy emitted a NUL byte and the data rules' D108 stopped a PPO run: a reward source is total."""
+    source = RewardModelSource(rm_folder)
+    scores = source([PROMPTS[0]] * 3, ["clear\x00 kind", "clear \ud800kind", "clear kind"])
+    assert source.replaced_chars == 2 and torch.isfinite(scores).all()
+    assert torch.allclose(scores[0], source([PROMPTS[0]], ["clear\ufffd kind"])[0], atol=1e-6)
+
+
 def test_function_source_and_its_errors():
     source = reward_source("python:test_rewards:word_count")
     assert isinstance(source, FunctionSource)
