@@ -26,8 +26,9 @@ SANDBOX_PPO = [
     "--total_steps", "60", "--reward.normalize", "saved", "--data.max_eval_prompts", "128",
     "--kl.init_coef", "0.3", "--kl.adaptive", "false", "--run.eval_every", "10", "--run.save_every", "20",
 ]
-"""PPO on the sandbox: a fixed KL coefficient of 0.3 per nat (with 0.05 the policy found, within 30 steps,
-one admission string the reward model overrates and said it to every prompt: gold overall fell 8 points)."""
+"""PPO on the sandbox: a fixed KL coefficient of 0.3 per nat. With 0.05 the policy found, within 30 steps,
+one admission string the reward model overrates and said it to every prompt (helpful prompts fell from
+39% to 9% gold overall at T=1); see docs/benchmarks.md."""
 
 
 @dataclass
@@ -58,7 +59,7 @@ class QuickstartConfig:
     share of good demonstrations (SFT imitates its data, good and bad alike)."""
 
     def resolve(self) -> None:
-        """Point SFT at the world's files and the run directory."""
+        """Point every stage at the world's files, the previous stage's model and its run directory."""
         root = Path(self.out_dir)
         self.sft.data.train_path = str(root / "world" / "sft_train.jsonl")
         self.sft.data.eval_path = str(root / "world" / "sft_eval.jsonl")
