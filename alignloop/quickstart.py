@@ -24,11 +24,12 @@ log = logging.getLogger(__name__)
 
 SANDBOX_PPO = [
     "--total_steps", "60", "--reward.normalize", "saved", "--data.max_eval_prompts", "128",
-    "--kl.init_coef", "0.3", "--kl.adaptive", "false", "--run.eval_every", "10", "--run.save_every", "20",
+    "--kl.init_coef", "1.0", "--kl.adaptive", "false", "--run.eval_every", "10", "--run.save_every", "20",
 ]
-"""PPO on the sandbox: a fixed KL coefficient of 0.3 per nat. With 0.05 the policy found, within 30 steps,
+"""PPO on the sandbox: a fixed KL coefficient of 1.0 per nat. With 0.05 the policy found, within 30 steps,
 one admission string the reward model overrates and said it to every prompt (helpful prompts fell from
-39% to 9% gold overall at T=1); see docs/benchmarks.md."""
+39% to 9% gold overall at T=1); with 0.3 a length-biased reward model was hacked (answers padded, gold
+to 0), which 1.0 holds off; see docs/benchmarks.md."""
 
 
 @dataclass

@@ -21,7 +21,8 @@ from alignloop.sandbox import load_world
 from alignloop.sandbox.annotators import write_preference_files
 from alignloop.train import ppo, reward
 
-RUNS = {"no KL penalty": ["--kl.init_coef", "0", "--kl.adaptive", "false"], "default KL penalty": []}
+RUNS = {"no KL penalty": ["--kl.init_coef", "0", "--kl.adaptive", "false"],
+        "KL coefficient 0.3": ["--kl.init_coef", "0.3"], "default KL penalty": []}
 
 
 def eval_curve(run_dir: Path) -> list[dict[str, float]]:
