@@ -227,7 +227,7 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list (on the command line as YAML, e.g. '[a, b]'), got {value!r}")
         return [_check_value(f"{key}[{i}]", v, args[0] if args else Any) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
@@ -390,4 +390,4 @@ class GenConfig:
     stop_strings: list[str] = field(default_factory=list)
     """Generation of a sequence also ends at any of these strings (EOS always ends it)."""
     batch_size: int = 64
-    """Prompts per generation batch."""
+    """Rows (prompts x num_samples) per generation batch."""

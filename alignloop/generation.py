@@ -123,7 +123,7 @@ def _check_config(cfg: GenConfig) -> None:
         raise ValueError("generation: need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether forward takes `logits_to_keep`: the prefill then computes one row of logits per
     prompt instead of (B, P, V). A peft wrapper passes it through to its base model."""
     get_base = getattr(model, "get_base_model", None)
@@ -151,7 +151,7 @@ def _decode_chunk(
     alive = torch.zeros((batch, steps), dtype=torch.bool, device=device)  # (B, R)
     logprobs = torch.zeros((batch, steps), dtype=torch.float32, device=device)  # (B, R)
     ended = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
-    extra: dict[str, Any] = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    extra: dict[str, Any] = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     out = model(input_ids=prompt_ids.to(device), attention_mask=mask, position_ids=position_ids_from_mask(mask),
                 use_cache=True, **extra)
     for step in range(steps):

@@ -45,7 +45,7 @@ from alignloop import checkpoint, runtime
 from alignloop.advantages import AdaptiveKLController, FixedKLController, gae, kl_penalty, token_rewards
 from alignloop.config import ConfigError, GenConfig, ModelConfig, OptimConfig, RunConfig, save_config, to_dict
 from alignloop.data import load_records
-from alignloop.generation import Rollout, _accepts_logits_to_keep, decode_responses, generate
+from alignloop.generation import Rollout, accepts_logits_to_keep, decode_responses, generate
 from alignloop.losses import entropy_from_logits, explained_variance, ppo_policy_loss, value_loss
 from alignloop.models import build_policy, load_sequence_classifier, save_pretrained
 from alignloop.rewards import RewardSource, RunningScoreNorm, reward_source, token_scores
@@ -325,7 +325,7 @@ def policy_forward(model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_wid
     Only the last R + 1 positions go through the LM head (`logits_to_keep`), not the prompt's.
     """
     keep = ids.shape[1] - prompt_width + 1
-    extra = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
+    extra = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False,
                    **extra).logits
     logits = logits[:, -keep:-1]  # (B, R, V): position t predicts token t + 1

@@ -239,10 +239,14 @@ def score_pairs(model: torch.nn.Module, pairs: list[TokenizedPair], pad_id: int,
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def pair_accuracy(model: torch.nn.Module, pairs: list[TokenizedPair], pad_id: int, batch_size: int, device: Any) -> float:
-    """Share of pairs where the mean head scores chosen above rejected."""
-    chosen, rejected = score_pairs(model, pairs, pad_id, batch_size, device)
+def accuracy_of(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+    """Share of pairs where the mean head scores chosen above rejected: (N, K), (N, K) -> float."""
     return float((chosen.mean(1) > rejected.mean(1)).float().mean())
+
+
+def pair_accuracy(model: torch.nn.Module, pairs: list[TokenizedPair], pad_id: int, batch_size: int, device: Any) -> float:
+    """`accuracy_of` the model's scores on `pairs`."""
+    return accuracy_of(*score_pairs(model, pairs, pad_id, batch_size, device))
 
 
 def reward_statistics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
@@ -353,7 +357,7 @@ def train(cfg: RewardConfig, *, models: tuple[Any, Any] | None = None) -> Reward
         if eval_set and ((cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == total_steps):
             unwrapped = acc.unwrap_model(wrapped)
             eval_scores = score_pairs(unwrapped, eval_set, tokenizer.pad_token_id, cfg.batch.eval_batch_size, acc.device)
-            eval_acc = float((eval_scores[0].mean(1) > eval_scores[1].mean(1)).float().mean())
+            eval_acc = accuracy_of(*eval_scores)
             train_acc = pair_accuracy(unwrapped, train_set[: min(len(eval_set), 512)], tokenizer.pad_token_id, cfg.batch.eval_batch_size, acc.device)
             last.update({"eval/rm_accuracy": eval_acc, "eval/rm_train_accuracy": train_acc})
             metrics.log(step, {"eval/rm_accuracy": eval_acc, "eval/rm_train_accuracy": train_acc})
