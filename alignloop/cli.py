@@ -185,6 +185,101 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def build_app_parser() -> argparse.ArgumentParser:
+    """`alignloop app ...`: the feedback web app. Kept apart from build_parser so that serving never
+    imports the trainers (and torch); settings come from ALIGNLOOP_APP_* variables (docs/feedback.md)."""
+    parser = argparse.ArgumentParser(prog="alignloop app", description="The feedback web app (docs/feedback.md).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="app_command", required=True, metavar="COMMAND")
+    p = sub.add_parser("serve", help="Run the web server (migrates the database first).")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--no-migrate", action="store_true", help="do not upgrade the database schema first")
+    p = sub.add_parser("migrate", help="Upgrade the database schema (or --down to a revision, 'base' = empty).")
+    p.add_argument("--revision", default=None, help="target revision (default: head, or base with --down)")
+    p.add_argument("--down", action="store_true", help="downgrade instead of upgrade")
+    for name, helptext in (("user", "Users: `user add NAME [--admin]`."), ("token", "API tokens: `token add ADMIN`."),
+                           ("project", "Projects: `project add NAME --overlap K`."),
+                           ("member", "Project members: `member add PROJECT USER`.")):
+        group = sub.add_parser(name, help=helptext).add_subparsers(dest="action", required=True, metavar="ACTION")
+        p = group.add_parser("add")
+        if name == "user":
+            p.add_argument("username")
+            p.add_argument("--admin", action="store_true", help="an administrator (the first user should be one)")
+            p.add_argument("--password-stdin", action="store_true", help="read the password from stdin (else prompt)")
+        elif name == "token":
+            p.add_argument("username", help="an admin user")
+            p.add_argument("--name", default="cli", help="what the token is for")
+        elif name == "project":
+            p.add_argument("name")
+            p.add_argument("--overlap", type=int, default=1, help="annotators per item (k)")
+            p.add_argument("--guidelines-file", type=Path, help="plain-text guidelines shown to annotators")
+            p.add_argument("--annotator", action="append", default=[], help="a member (repeatable)")
+        else:
+            p.add_argument("project")
+            p.add_argument("username")
+    p = sub.add_parser("import", help="Import items (JSON Lines) into a project; all or nothing.")
+    p.add_argument("project", help="project name")
+    p.add_argument("file", type=Path)
+    p = sub.add_parser("export", help="Export labels as training JSONL (pairs, annotator-pairs, votes, thumbs).")
+    p.add_argument("project", help="project name")
+    p.add_argument("--kind", default="pairs", choices=["pairs", "annotator-pairs", "votes", "thumbs"])
+    p.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def _read_password(from_stdin: bool) -> str:
+    import getpass
+
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass("password (12+ characters): ")
+    if getpass.getpass("again: ") != first:
+        raise ValueError("the passwords differ")
+    return first
+
+
+def cmd_app(argv: list[str]) -> int:
+    """Run one `alignloop app` command; expected failures print one line and return 2."""
+    args = build_app_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from alignloop.data import DataError
+    from alignloop.feedback import commands
+    from alignloop.feedback.services import Conflict, Invalid, NotFound
+    from alignloop.feedback.settings import Settings, SettingsError
+
+    settings = Settings.from_env()
+    command = args.app_command
+    try:
+        if command == "serve":
+            commands.serve(settings, args.host, args.port, migrate=not args.no_migrate)
+        elif command == "migrate":
+            revision = args.revision or ("base" if args.down else "head")
+            print(f"database at revision {commands.migrate(settings, revision, down=args.down)}")
+        elif command == "user":
+            commands.add_user(settings, args.username, _read_password(args.password_stdin), args.admin)
+            print(f"added {'admin' if args.admin else 'annotator'} {args.username}")
+        elif command == "token":
+            print(commands.add_token(settings, args.username, args.name))
+        elif command == "project":
+            guidelines = args.guidelines_file.read_text(encoding="utf-8") if args.guidelines_file else ""
+            project_id = commands.add_project(settings, args.name, args.overlap, guidelines, args.annotator)
+            print(f"project {args.name!r} has id {project_id}")
+        elif command == "member":
+            commands.add_member(settings, args.project, args.username)
+            print(f"{args.username} may now label {args.project!r}")
+        elif command == "import":
+            print(f"imported {commands.import_items(settings, args.project, args.file)} items into {args.project!r}")
+        elif command == "export":
+            report = commands.export_labels(settings, args.project, args.kind, args.out)
+            print(json.dumps({"out": str(args.out), "kind": args.kind, **report}))
+    except (SettingsError, DataError, NotFound, Conflict, Invalid, ValueError, OSError) as err:
+        print(f"alignloop app {command}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace, list[str]], int]]]:
     from alignloop.quickstart import QuickstartConfig
     from alignloop.sandbox import SandboxConfig
@@ -214,11 +309,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     p.add_argument("--prompts-file", type=Path, help="prompt records (JSONL/JSON/CSV/Parquet)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    sub.add_parser("app", help="The feedback web app: serve, user add, import, export, ... (alignloop app --help).",
+                   add_help=False)
     handlers = {"quickstart": cmd_quickstart, "sft": cmd_sft, "reward": cmd_reward, "ppo": cmd_ppo, "reward-eval": cmd_reward_eval, "sandbox": cmd_sandbox, "generate": cmd_generate}
     return parser, handlers
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["app"]:  # before build_parser, which imports the trainers (torch)
+        return cmd_app(argv[1:])
     parser, handlers = build_parser()
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(

@@ -202,6 +202,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_YAML_TRUE = ("yes", "on", "true", "y")
+_YAML_FALSE = ("no", "off", "false", "n")
+
+
 def _check_value(key: str, value: Any, tp: Any) -> Any:
     """Return `value` checked against annotation `tp` (ints are accepted for floats); raise ConfigError."""
     origin = typing.get_origin(tp)
@@ -222,6 +226,9 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
                 errors.append(str(err))
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads `no` / `off` as False: take the choice that was spelled
+            spelled = [a for a in args if isinstance(a, str) and a.lower() in (_YAML_TRUE if value else _YAML_FALSE)]
+            value = spelled[0] if len(spelled) == 1 else value
         if value not in args:
             raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
         return value
@@ -391,3 +398,6 @@ class GenConfig:
     """Generation of a sequence also ends at any of these strings (EOS always ends it)."""
     batch_size: int = 64
     """Rows (prompts x num_samples) per generation batch."""
+    backend: Literal["auto", "transformers"] = "auto"
+    """auto: our preallocated-cache forward for Llama-architecture models (`llama_decode`), else the model's own;
+    transformers: always the model's own forward with its cache."""

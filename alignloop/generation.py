@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from alignloop import llama_decode
 from alignloop.config import GenConfig
 from alignloop.tensors import logprobs_of, position_ids_from_mask
 
@@ -95,11 +96,18 @@ def sample_next_tokens(
     logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator
 ) -> torch.Tensor:
     """One token per row: argmax when `temperature == 0` (the generator is untouched), else a draw
-    from `softmax(sampling_logits(...))` with `generator`: (B, V) -> (B,)."""
+    from `softmax(sampling_logits(...))` with `generator`: (B, V) -> (B,).
+
+    The draw inverts the cumulative distribution with one uniform per row (float64 sums, so the tail keeps
+    its mass); `torch.multinomial` spends one exponential variate per vocabulary entry, which on a CPU
+    costs more than a small model's whole decode step. A token of probability 0 is never drawn.
+    """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = sampling_logits(logits, temperature, top_k, top_p).softmax(dim=-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = sampling_logits(logits, temperature, top_k, top_p).softmax(dim=-1).double().cumsum(dim=-1)  # (B, V)
+    u = torch.rand((logits.shape[0], 1), generator=generator, dtype=torch.float64, device=logits.device)  # (B, 1)
+    drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1): first index whose cdf exceeds u
+    return drawn.clamp(max=logits.shape[-1] - 1).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,9 +134,40 @@ def _check_config(cfg: GenConfig) -> None:
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether forward takes `logits_to_keep`: the prefill then computes one row of logits per
     prompt instead of (B, P, V). A peft wrapper passes it through to its base model."""
+    model = getattr(model, "module", model)  # DistributedDataParallel passes keywords through
     get_base = getattr(model, "get_base_model", None)
     base = get_base() if callable(get_base) else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+class _TransformersStepper:
+    """The model's own forward with its `DynamicCache`: any causal LM (the fallback backend)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.cache, self.mask = model, None, torch.zeros(0)
+        self.extra: dict[str, Any] = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.mask = mask
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
+                         **self.extra)
+        self.cache = out.past_key_values
+        return out.logits[:, -1]  # (B, V)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)  # (B, T + 1)
+        position = self.mask.sum(dim=1, keepdim=True) - 1  # (B, 1) = position_ids_from_mask(mask)[:, -1:]
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=position,
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        return out.logits[:, -1]  # (B, V)
+
+
+def _stepper(model: torch.nn.Module, batch: int, max_len: int, backend: str) -> Any:
+    """Our preallocated-cache Llama forward where it applies (backend "auto"), else the model's own."""
+    if backend == "auto" and llama_decode.supports(model):
+        return llama_decode.LlamaDecoder(model, batch, max_len)
+    return _TransformersStepper(model)
 
 
 def _decode_chunk(
@@ -151,11 +190,10 @@ def _decode_chunk(
     alive = torch.zeros((batch, steps), dtype=torch.bool, device=device)  # (B, R)
     logprobs = torch.zeros((batch, steps), dtype=torch.float32, device=device)  # (B, R)
     ended = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
-    extra: dict[str, Any] = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    out = model(input_ids=prompt_ids.to(device), attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                use_cache=True, **extra)
+    stepper = _stepper(model, batch, mask.shape[1] + steps, cfg.backend)
+    next_logits = stepper.prefill(prompt_ids.to(device), mask)  # (B, V)
     for step in range(steps):
-        logits = out.logits[:, -1].float()  # (B, V)
+        logits = next_logits.float()  # (B, V)
         drawn = sample_next_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)  # (B,)
         alive[:, step] = ~ended
         tokens[:, step] = torch.where(ended, tokenizer.pad_token_id, drawn)
@@ -169,10 +207,7 @@ def _decode_chunk(
         ended |= stopped
         if step + 1 == steps or bool(ended.all()):
             break
-        mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)  # (B, P + step + 1)
-        position = mask.sum(dim=1, keepdim=True) - 1  # (B, 1) = position_ids_from_mask(mask)[:, -1:]
-        out = model(input_ids=tokens[:, step : step + 1], attention_mask=mask, position_ids=position,
-                    past_key_values=out.past_key_values, use_cache=True)
+        next_logits = stepper.step(tokens[:, step])
     taken = step + 1
     return _Chunk(tokens[:, :taken].cpu(), alive[:, :taken].long().cpu(), logprobs[:, :taken].cpu(), ended.cpu())
 

@@ -129,3 +129,13 @@ def test_override_keeps_the_owning_configs_section_defaults():
     assert cfg.run.seed == 3 and cfg.optim.lr == 0.01
     assert cfg.run.output_dir == default.run.output_dir != RunConfig().output_dir
     assert cfg.optim.warmup_steps == default.optim.warmup_steps != OptimConfig().warmup_steps
+
+
+def test_yaml_boolean_spelling_of_a_choice_is_the_choice(tmp_path):
+    """YAML 1.1 reads `no` as False; for a choice field the user meant the choice `no`, on the CLI and in files."""
+    assert load_config(SFTConfig, None, ["--run.mixed_precision", "no"]).run.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  mixed_precision: no\n")
+    assert load_config(SFTConfig, path).run.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="run.mixed_precision"):
+        load_config(SFTConfig, None, ["--run.mixed_precision", "yes"])  # no choice is spelled yes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -515,3 +516,27 @@ def test_latest_checkpoint_ignores_tmp_and_refuses_manifestless_newest(tmp_path)
     with pytest.raises(CheckpointError, match="step-00000002/manifest.json: missing manifest"):
         latest_checkpoint(tmp_path)
 
+
+
+def test_optimizer_is_fused_adamw_matching_the_reference_update():
+    """The fused kernel must give the textbook AdamW update (decoupled decay on matrices only)."""
+    from alignloop.config import OptimConfig
+    from alignloop.runtime import make_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    twin = copy.deepcopy(model)
+    cfg = OptimConfig(lr=0.1, weight_decay=0.3, beta1=0.8, beta2=0.9, eps=1e-6)
+    optimizer = make_optimizer(model, cfg)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    reference = torch.optim.AdamW([{"params": [twin[0].weight], "weight_decay": 0.3},
+                                   {"params": [twin[0].bias, *twin[1].parameters()], "weight_decay": 0.0}],
+                                  lr=0.1, betas=(0.8, 0.9), eps=1e-6, foreach=False)
+    x = torch.randn(5, 4)
+    for _ in range(3):
+        for m, opt in ((model, optimizer), (twin, reference)):
+            opt.zero_grad()
+            m(x).pow(2).sum().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)

@@ -33,6 +33,7 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -511,8 +512,13 @@ def evaluate(cfg: PPOConfig, models: PPOModels, prompts: list[EncodedPrompt], sc
 # ----------------------------------------------------------------------------------------------
 
 
-def train(cfg: PPOConfig, *, models: PPOModels | None = None, reward_fn: RewardSource | None = None) -> PPOResult:
-    """Run PPO to completion (or resume it); save the policy (final/) and critic (final_critic/)."""
+def train(cfg: PPOConfig, *, models: PPOModels | None = None, reward_fn: RewardSource | None = None,
+          on_step_end: Callable[[int], None] | None = None) -> PPOResult:
+    """Run PPO to completion (or resume it); save the policy (final/) and critic (final_critic/).
+
+    `on_step_end(step)` is called after each PPO step (rollout + update) and its logging (the benchmarks time
+    steps with it).
+    """
     # 1. runtime, prompts, models, reward source (all checked before anything is written)
     cfg.resolve()
     runtime.seed_everything(cfg.run.seed, deterministic=cfg.run.deterministic)
@@ -632,6 +638,8 @@ def train(cfg: PPOConfig, *, models: PPOModels | None = None, reward_fn: RewardS
             checkpoint.save_checkpoint(run_dir, step, model={"policy": policy, "critic": critic}, optimizer=optimizers,
                                        scheduler=schedulers, state=state, keep_last=cfg.run.keep_checkpoints)
         runtime.test_hooks(step)
+        if on_step_end is not None:
+            on_step_end(step)
 
     # 8. final policy and critic in Hugging Face format, run manifest
     bar.close()

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,12 +226,14 @@ def pair_loss(
 
 @torch.no_grad()
 def score_pairs(model: torch.nn.Module, pairs: list[TokenizedPair], pad_id: int, batch_size: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of chosen and rejected for every pair: (N, K) each."""
+    """Scores of chosen and rejected for every pair: (N, K) each; `batch_size` sequences (half as many pairs)
+    per forward, so evaluation never holds more activations than its setting says."""
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
-    for start in range(0, len(pairs), batch_size):
-        batch = collate_pairs(pairs[start : start + batch_size], pad_id)
+    per_forward = max(1, batch_size // 2)
+    for start in range(0, len(pairs), per_forward):
+        batch = collate_pairs(pairs[start : start + per_forward], pad_id)
         scores = sequence_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
         n = scores.shape[0] // 2
         chosen.append(scores[:n])
@@ -271,8 +274,12 @@ def _build_model(cfg: RewardConfig, models: Any) -> tuple[Any, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def train(cfg: RewardConfig, *, models: tuple[Any, Any] | None = None) -> RewardResult:
-    """Train a reward model to completion (or resume it); save it with its reward statistics."""
+def train(cfg: RewardConfig, *, models: tuple[Any, Any] | None = None,
+          on_step_end: Callable[[int], None] | None = None) -> RewardResult:
+    """Train a reward model to completion (or resume it); save it with its reward statistics.
+
+    `on_step_end(step)` is called after each optimizer step and its logging (the benchmarks time steps with it).
+    """
     # 1. runtime, data (validated before anything is written), model
     if not cfg.batch.global_batch_size:
         cfg.resolve()
@@ -374,6 +381,8 @@ def train(cfg: RewardConfig, *, models: tuple[Any, Any] | None = None) -> Reward
                                            keep_last=cfg.run.keep_checkpoints)
             acc.wait_for_everyone()
         runtime.test_hooks(step)
+        if on_step_end is not None:
+            on_step_end(step)
 
     # 6. reward statistics on held-out responses, final model, manifest
     bar.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from alignloop.config import (
     to_dict,
 )
 from alignloop.data import SFTExample, load_records
+from alignloop.generation import accepts_logits_to_keep
 from alignloop.losses import sft_nll
 from alignloop.models import build_policy, load_tokenizer, save_pretrained
 from alignloop.tensors import logprobs_of
@@ -121,11 +123,19 @@ def tokenize_demonstrations(
 def micro_batch_loss(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], num_loss_tokens: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward one micro-batch and return the step-normalised masked NLL."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    labels = batch["labels"][:, 1:]  # (B, T-1): token t is predicted from positions < t
+    """Forward one micro-batch and return the step-normalised masked NLL.
+
+    The LM head runs only from the batch's first loss position on (`logits_to_keep`): prompt positions carry
+    no loss, and the head is a large share of a small model's compute.
+    """
+    width = batch["input_ids"].shape[1]
+    first = max(1, int((batch["labels"] != -100).any(dim=0).long().argmax()))  # first column with a target
+    keep = width - first + 1 if accepts_logits_to_keep(model) else width
+    extra = {"logits_to_keep": keep} if keep < width else {}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits  # (B, K, V)
+    labels = batch["labels"][:, width - keep + 1 :]  # (B, K-1): the token each kept position but the last predicts
     mask = labels != -100
-    logp = logprobs_of(logits[:, :-1], labels.clamp(min=0))  # (B, T-1)
+    logp = logprobs_of(logits[:, :-1], labels.clamp(min=0))  # (B, K-1)
     return sft_nll(logp, mask, num_loss_tokens)
 
 
@@ -170,8 +180,12 @@ def _setup_tokenizer_and_model(
 # ----------------------------------------------------------------------------------------------
 
 
-def train(cfg: SFTConfig, *, models: tuple[Any, Any] | None = None) -> SFTResult:
-    """Run SFT to completion (or resume it) and save the final policy in Hugging Face format."""
+def train(cfg: SFTConfig, *, models: tuple[Any, Any] | None = None,
+          on_step_end: Callable[[int], None] | None = None) -> SFTResult:
+    """Run SFT to completion (or resume it) and save the final policy in Hugging Face format.
+
+    `on_step_end(step)` is called after each optimizer step and its logging (the benchmarks time steps with it).
+    """
     # 1. runtime: seed, processes, run directory
     if not cfg.batch.global_batch_size:
         cfg.resolve()
@@ -284,6 +298,8 @@ def train(cfg: SFTConfig, *, models: tuple[Any, Any] | None = None) -> SFTResult
                 )
             acc.wait_for_everyone()
         runtime.test_hooks(step)
+        if on_step_end is not None:
+            on_step_end(step)
 
     # 7. final model in Hugging Face format, run manifest
     bar.close()

@@ -295,3 +295,32 @@ def test_tiny_model_without_tokenizer_trains_one_and_keeps_it(sft_data, tmp_path
     assert (result.final_dir / "tokenizer.json").read_text() == (out / "tokenizer" / "tokenizer.json").read_text()
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["model"]["tokenizer"] == str(out / "tokenizer")
+
+
+def test_loss_with_the_lm_head_on_loss_positions_only_equals_the_full_head():
+    """`logits_to_keep` from the first target column on changes no loss value or gradient."""
+    from alignloop.config import TinyModelConfig
+    from alignloop.models import tiny_model
+
+    tok = train_tokenizer([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 5, vocab_size=120)
+    model = tiny_model(TinyModelConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, max_position_embeddings=32), tok, seed=0)
+    ids = torch.randint(5, 100, (3, 9))
+    labels = ids.clone()
+    labels[0, :6], labels[1, :4], labels[2, :7] = -100, -100, -100  # prompts of 6, 4 and 7 tokens
+    labels[1, 8:] = -100  # right padding
+    batch = {"input_ids": ids, "attention_mask": (labels != -100).long() | 1, "labels": labels}
+
+    class NoKeep(torch.nn.Module):  # the same model without `logits_to_keep` in its signature
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    kept, _ = sft.micro_batch_loss(model, batch, 7.0)
+    grads = torch.autograd.grad(kept, list(model.parameters()))
+    full, _ = sft.micro_batch_loss(NoKeep(model), batch, 7.0)
+    full_grads = torch.autograd.grad(full, list(model.parameters()))
+    assert torch.allclose(kept, full, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, full_grads, strict=True))

@@ -1,0 +1,250 @@
+"""Every table of the feedback app (SQLAlchemy models) and the engine with its durability settings.
+
+The schema itself is created and changed only by the Alembic migrations in `migrations/` (0001 matches
+these models; a test compares them). SQLite gets WAL, `synchronous=FULL`, `busy_timeout=5000` and
+foreign keys on every connection, and write transactions start with `BEGIN IMMEDIATE`: a deferred
+transaction that later writes can fail with "database is locked" under concurrent submissions, an
+immediate one waits its turn (RELIABILITY.md W10-W12). PostgreSQL runs with `synchronous_commit=on`.
+Times are naive UTC (SQLite keeps no zone). A label is never deleted: undo sets `undone_at`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+ROLES = ("admin", "annotator")
+ASSIGNMENT_STATUSES = ("open", "done", "skipped")
+CHOICES = ("a", "b", "tie", "both_bad")
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC now: the one time representation stored in both databases."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: sa.JSON, list[Any]: sa.JSON}
+
+
+class User(Base):
+    __tablename__ = "users"
+    __table_args__ = (sa.CheckConstraint("role IN ('admin', 'annotator')", name="ck_users_role"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(sa.String(255))
+    role: Mapped[str] = mapped_column(sa.String(16))
+    active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ApiToken(Base):
+    """A bearer token for programs; only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(sa.String(100))
+    token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class AuthSession(Base):
+    """A browser login; the cookie holds the token, the table its SHA-256 (a leaked table logs no one in)."""
+
+    __tablename__ = "auth_sessions"
+
+    token_hash: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime]
+
+
+class Project(Base):
+    __tablename__ = "projects"
+    __table_args__ = (sa.CheckConstraint("overlap_k >= 1", name="ck_projects_overlap_k"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200), unique=True)
+    guidelines: Mapped[str] = mapped_column(sa.Text, default="")
+    overlap_k: Mapped[int] = mapped_column(default=1)
+    task: Mapped[str] = mapped_column(sa.String(32), default="pairwise")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ProjectMember(Base):
+    """An annotator who may label a project's items (admins see every project)."""
+
+    __tablename__ = "project_members"
+
+    project_id: Mapped[int] = mapped_column(sa.ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+
+
+class Item(Base):
+    """A prompt with candidate responses; `external_id` is the id given at import."""
+
+    __tablename__ = "items"
+    __table_args__ = (sa.UniqueConstraint("project_id", "external_id", name="uq_items_project_external"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(sa.ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    external_id: Mapped[str] = mapped_column(sa.String(200))
+    prompt: Mapped[list[Any]]
+    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    responses: Mapped[list[Response]] = relationship(order_by="Response.position", lazy="selectin")
+
+
+class Response(Base):
+    """One candidate answer, tagged with the model (and version) or person that wrote it."""
+
+    __tablename__ = "responses"
+    __table_args__ = (sa.UniqueConstraint("item_id", "position", name="uq_responses_item_position"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(sa.ForeignKey("items.id", ondelete="CASCADE"))
+    position: Mapped[int]
+    text: Mapped[str] = mapped_column(sa.Text)
+    model_name: Mapped[str] = mapped_column(sa.String(200))
+    model_version: Mapped[str] = mapped_column(sa.String(200), default="")
+    author: Mapped[str | None] = mapped_column(sa.String(64), default=None)
+
+
+class ItemAuthor(Base):
+    """A user name that wrote the item's prompt or a response: never assigned that item."""
+
+    __tablename__ = "item_authors"
+
+    item_id: Mapped[int] = mapped_column(sa.ForeignKey("items.id", ondelete="CASCADE"), primary_key=True)
+    username: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+
+
+class Assignment(Base):
+    """An item handed to one annotator, with the left/right order it is shown in (`presented_order[0]`
+    is the position of the response shown on the left)."""
+
+    __tablename__ = "assignments"
+    __table_args__ = (
+        sa.UniqueConstraint("item_id", "user_id", name="uq_assignments_item_user"),
+        sa.CheckConstraint("status IN ('open', 'done', 'skipped')", name="ck_assignments_status"),
+        sa.Index("ix_assignments_project_user_status", "project_id", "user_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(sa.ForeignKey("projects.id", ondelete="CASCADE"))
+    item_id: Mapped[int] = mapped_column(sa.ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"))
+    presented_order: Mapped[list[Any]]
+    status: Mapped[str] = mapped_column(sa.String(16), default="open")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Label(Base):
+    """One annotator's raw vote (or skip) on an assignment. `choice` is in response positions ("a" =
+    position 0), `displayed_choice` as clicked ("left", "right", ...); undo sets `undone_at`."""
+
+    __tablename__ = "labels"
+    __table_args__ = (
+        sa.UniqueConstraint("user_id", "idempotency_key", name="uq_labels_user_idempotency"),
+        sa.CheckConstraint("choice IS NULL OR choice IN ('a', 'b', 'tie', 'both_bad')", name="ck_labels_choice"),
+        sa.CheckConstraint("(choice IS NULL) <> (skip_reason IS NULL)", name="ck_labels_vote_or_skip"),
+        sa.Index("uq_labels_active_assignment", "assignment_id", unique=True,
+                 sqlite_where=sa.text("undone_at IS NULL"), postgresql_where=sa.text("undone_at IS NULL")),
+        sa.Index("ix_labels_project_user", "project_id", "user_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    assignment_id: Mapped[int] = mapped_column(sa.ForeignKey("assignments.id", ondelete="CASCADE"))
+    project_id: Mapped[int] = mapped_column(sa.ForeignKey("projects.id", ondelete="CASCADE"))
+    item_id: Mapped[int] = mapped_column(sa.ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"))
+    choice: Mapped[str | None] = mapped_column(sa.String(16), default=None)
+    strength: Mapped[str | None] = mapped_column(sa.String(32), default=None)
+    displayed_choice: Mapped[str | None] = mapped_column(sa.String(16), default=None)
+    skip_reason: Mapped[str | None] = mapped_column(sa.Text, default=None)
+    presented_order: Mapped[list[Any]]
+    time_spent_ms: Mapped[int | None] = mapped_column(default=None)
+    idempotency_key: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    undone_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Engine and sessions
+
+
+def normalise_url(url: str) -> URL:
+    """`postgresql://` and `postgres://` mean psycopg 3 (the driver the `app` extra installs)."""
+    parsed = make_url(url.replace("postgres://", "postgresql://", 1) if url.startswith("postgres://") else url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the durability settings of this module's docstring."""
+    parsed = normalise_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            raise ValueError("the feedback app needs a SQLite file (sqlite:///path.db), not an in-memory database")
+        engine = sa.create_engine(parsed, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        return sa.create_engine(parsed, pool_pre_ping=True, connect_args={"options": "-c synchronous_commit=on"})
+    raise ValueError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql")
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Hand transaction control to _sqlite_begin: pysqlite's own would issue a deferred BEGIN.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=5000", "foreign_keys=ON"):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
+def _sqlite_begin(conn: sa.Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("alignloop_write") else "BEGIN")
+
+
+class Database:
+    """The engine and two ways in: `read()` and `write()` transactions (write commits on success)."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        self._reader = sessionmaker(self.engine, expire_on_commit=False)
+        self._writer = sessionmaker(self.engine.execution_options(alignloop_write=True), expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only transaction (closed, never committed, at the end; loaded objects stay readable)."""
+        with self._reader() as session:
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A write transaction, `BEGIN IMMEDIATE` on SQLite, committed before the block's caller goes on:
+        a handler that returns after this block acknowledges only committed data."""
+        with self._writer() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
