@@ -2,10 +2,13 @@
 
 `transformers`' forward is built for every case (cache classes, mask factories, attention registries,
 output dataclasses), and with small models on a CPU that per-call machinery, not arithmetic, is most of a
-decode step. This forward keeps the model's own modules (embeddings, norms, projections, MLP, LM head,
-so LoRA adapters still apply) and replaces only the glue: rotary tables computed once, keys and values
-written in place into one (layers, B, kv_heads, P + R, head_dim) buffer, one boolean key mask per step,
-`scaled_dot_product_attention` with grouped heads, and the LM head on the last position only.
+decode step. This forward reads the model's own parameters and modules (LoRA-wrapped projections run as
+modules, so adapters apply) and replaces the glue: rotary tables computed once, keys and values written
+in place into one (layers, B, kv_heads, P + R, head_dim) buffer, one boolean key mask per step,
+`scaled_dot_product_attention` with grouped heads, the LM head on the last position only, and plain
+projections multiplied as fused, transposed copies (q/k/v in one product, gate/up in one) made once per
+decoder: a decode step multiplies 16-odd rows by every matrix, and on a CPU `F.linear`'s (out, in) layout
+is several times slower for that than (in, out). The copies cost one model's worth of memory per decoder.
 It reproduces the transformers forward to float rounding (tests compare logits); `supports()` says when
 it applies, and everything else takes the transformers path.
 """
@@ -43,17 +46,29 @@ def _plain_linear(module: Any) -> bool:
     return type(module) is torch.nn.Linear and module.bias is None
 
 
-def _fused_weights(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One matmul for q, k and v and one for gate and up (fewer, larger products); None when a projection is
-    not a plain bias-free Linear (LoRA adapters, biases), which then runs module by module."""
+def _transposed(*modules: Any) -> torch.Tensor:
+    """The modules' weights stacked on the output axis and stored (in, out), contiguous: a decode step multiplies
+    a few rows by each matrix, and on a CPU that product is several times faster on this layout than `F.linear`
+    on (out, in). Built per decoder, never cached: optimizers (fused AdamW) update weights in place unseen."""
+    with torch.no_grad():
+        out = torch.empty((modules[0].weight.shape[1], sum(m.weight.shape[0] for m in modules)),
+                          dtype=modules[0].weight.dtype, device=modules[0].weight.device)  # (in, sum of outs)
+        start = 0
+        for m in modules:
+            out[:, start : start + m.weight.shape[0]] = m.weight.t()
+            start += m.weight.shape[0]
+    return out
+
+
+def _layer_weights(layer: torch.nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """([q; k; v], o, [gate; up], down) transposed; None when a projection is not a plain bias-free Linear
+    (LoRA adapters, biases), and that layer then runs module by module."""
     attn, mlp = layer.self_attn, layer.mlp
-    parts = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
-    if not all(_plain_linear(m) for m in parts):
+    if not all(_plain_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
+                                           mlp.up_proj, mlp.down_proj)):
         return None
-    with torch.no_grad():  # built per decoder, not cached: optimizers (fused AdamW) update weights in place unseen
-        qkv = torch.cat([m.weight for m in parts[:3]])  # (Hq*D + 2*Hkv*D, H)
-        gate_up = torch.cat([m.weight for m in parts[3:]])  # (2*I, H)
-    return qkv, gate_up
+    return (_transposed(attn.q_proj, attn.k_proj, attn.v_proj), _transposed(attn.o_proj),
+            _transposed(mlp.gate_proj, mlp.up_proj), _transposed(mlp.down_proj))
 
 
 class LlamaDecoder:
@@ -63,8 +78,9 @@ class LlamaDecoder:
         base = _base(model)
         self.inner, self.lm_head, config = base.model, base.lm_head, base.config
         self.layers = list(self.inner.layers)
-        self.fused = [_fused_weights(layer) for layer in self.layers]
-        self.silu_mlp = getattr(config, "hidden_act", None) == "silu"
+        silu = getattr(config, "hidden_act", None) == "silu"
+        self.weights = [_layer_weights(layer) if silu else None for layer in self.layers]
+        self.lm_head_t = _transposed(self.lm_head) if _plain_linear(self.lm_head) else None
         attn = self.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.heads = config.num_attention_heads
@@ -92,22 +108,25 @@ class LlamaDecoder:
         """RMSNorm in float32, cast back, then the weight: transformers' arithmetic in one fused op."""
         return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype)
 
-    def _qkv(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """(B, S, H) -> (B, S, Hq + 2 * Hkv, D)."""
+    def _attention_in(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, H) -> (B, S, Hq + 2 * Hkv, D): queries, keys and values."""
         batch, new = x.shape[:2]
-        if self.fused[i] is not None:
-            out = F.linear(x, self.fused[i][0])
+        if self.weights[i] is not None:
+            out = torch.matmul(x, self.weights[i][0])
         else:
             attn = self.layers[i].self_attn
             out = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
         return out.view(batch, new, self.heads + 2 * self.kv_heads, self.head_dim)
 
+    def _attention_out(self, i: int, out: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(out, self.weights[i][1]) if self.weights[i] is not None else self.layers[i].self_attn.o_proj(out)
+
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        mlp = self.layers[i].mlp
-        if self.fused[i] is None or not self.silu_mlp:
-            return mlp(x)
-        gate, up = F.linear(x, self.fused[i][1]).chunk(2, dim=-1)
-        return mlp.down_proj(F.silu(gate) * up)
+        if self.weights[i] is None:
+            return self.layers[i].mlp(x)
+        _, _, gate_up, down = self.weights[i]
+        gate, up = torch.matmul(x, gate_up).chunk(2, dim=-1)
+        return torch.matmul(F.silu(gate) * up, down)
 
     def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         """Run the decoder layers on the new positions, writing their keys/values at [length, length + S)."""
@@ -117,7 +136,7 @@ class LlamaDecoder:
         end, rotated = self.length + new, self.heads + self.kv_heads
         for i, layer in enumerate(self.layers):
             x = self._norm(layer.input_layernorm, hidden)  # (B, S, H)
-            qkv = self._qkv(i, x)  # (B, S, Hq + 2 Hkv, D)
+            qkv = self._attention_in(i, x)  # (B, S, Hq + 2 Hkv, D)
             qk = qkv[:, :, :rotated]  # (B, S, Hq + Hkv, D): rotary on queries and keys at once
             qk = torch.addcmul(qk * cos, qk.roll(self.head_dim // 2, dims=-1), sin)
             q = qk[:, :, : self.heads].transpose(1, 2)  # (B, Hq, S, D)
@@ -126,13 +145,14 @@ class LlamaDecoder:
             out = F.scaled_dot_product_attention(
                 q, self.keys[i, :, :, :end].to(q.dtype), self.values[i, :, :, :end].to(q.dtype), attn_mask=attn_mask,
                 scale=self.scaling, enable_gqa=self.kv_heads != self.heads)  # (B, Hq, S, D)
-            hidden = hidden + layer.self_attn.o_proj(out.transpose(1, 2).reshape(batch, new, -1))
+            hidden = hidden + self._attention_out(i, out.transpose(1, 2).reshape(batch, new, -1))
             hidden = hidden + self._mlp(i, self._norm(layer.post_attention_layernorm, hidden))
         self.length = end
         return hidden
 
     def _last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self._norm(self.inner.norm, hidden[:, -1:]))[:, 0]  # (B, V)
+        last = self._norm(self.inner.norm, hidden[:, -1])  # (B, H)
+        return torch.matmul(last, self.lm_head_t) if self.lm_head_t is not None else self.lm_head(last)  # (B, V)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

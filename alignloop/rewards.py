@@ -46,6 +46,11 @@ def _decoder_backbone(model: torch.nn.Module) -> torch.nn.Module | None:
     return None
 
 
+def has_decoder_backbone(model: torch.nn.Module) -> bool:
+    """Whether `model` is a causal-LM sequence classifier whose backbone and head this module can call apart."""
+    return _decoder_backbone(model) is not None
+
+
 def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Head outputs at each row's last real token: (B, T) -> (B, K) with K = number of heads.
 
@@ -62,6 +67,20 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     last = last_true_index(attention_mask)  # (B,)
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
     return model.score(picked)  # (B, K)
+
+
+def shared_prefix_pair_scores(model: torch.nn.Module, packed: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Head outputs of both sides of each pair from `tensors.pack_shared_prefix` rows: (B, K) each, or None
+    when `model` is not a causal decoder with a score head (an encoder's prompt would see the responses)."""
+    backbone = _decoder_backbone(model)
+    if backbone is None:
+        return None
+    hidden = backbone(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
+                      position_ids=packed["position_ids"]).last_hidden_state  # (B, T, H)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    picked = torch.cat([hidden[rows, packed["first_last"]], hidden[rows, packed["second_last"]]])  # (2B, H)
+    scores = model.score(picked)  # (2B, K)
+    return scores[: len(rows)], scores[len(rows) :]
 
 
 def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -75,3 +75,38 @@ def last_true_index(mask: torch.Tensor) -> torch.Tensor:
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counting real tokens only, so left-padded rows see the same positions as right-padded ones."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+
+
+def pack_shared_prefix(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Each pair of token lists as one right-padded row: their common prefix once, then the rest of the first,
+    then the rest of the second, with a mask under which each rest sees the prefix and itself only.
+
+    For a causal decoder this is exact (a prefix's states never depend on what follows) and the shared prompt
+    of a comparison is computed once instead of twice. The common prefix stops at least one token before the
+    end of either list, so both last tokens are in their own part. Returns input_ids and position_ids (B, T),
+    a boolean attention_mask (B, 1, T, T) (True: may attend; a padding query sees itself, so softmax stays
+    defined), the index of each side's last token `first_last`, `second_last` (B,) and `real` (B, T).
+    """
+    rows, positions, segments, first_last, second_last = [], [], [], [], []
+    for first, second in pairs:
+        shared = 0
+        limit = min(len(first), len(second)) - 1
+        while shared < limit and first[shared] == second[shared]:
+            shared += 1
+        rows.append(first + second[shared:])
+        positions.append(list(range(len(first))) + list(range(shared, len(second))))
+        segments.append([0] * shared + [1] * (len(first) - shared) + [2] * (len(second) - shared))
+        first_last.append(len(first) - 1)
+        second_last.append(len(first) + len(second) - shared - 1)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    seg = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding
+    for i, (r, p, s) in enumerate(zip(rows, positions, segments, strict=True)):
+        ids[i, : len(r)], pos[i, : len(r)], seg[i, : len(r)] = torch.tensor(r), torch.tensor(p), torch.tensor(s)
+    query, key = seg[:, :, None], seg[:, None, :]  # (B, T, 1), (B, 1, T)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()  # (T, T)
+    allowed = causal & (key >= 0) & (query >= 0) & ((key == 0) | (key == query))  # (B, T, T)
+    allowed |= torch.eye(width, dtype=torch.bool)
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": allowed[:, None], "real": seg >= 0,
+            "first_last": torch.tensor(first_last), "second_last": torch.tensor(second_last)}

@@ -100,6 +100,56 @@ def model_dir_with_tokenizer(assets: Path, model: str, kind: str, tmp: Path) -> 
 # ----------------------------------------------------------------------------------------------------- our side
 
 
+def count_shared_prompt_rows(reward: Any, meter: Any, flop_params: int) -> None:
+    """Our reward trainer feeds each pair as one row with its prompt once and a (B, 1, T, T) mask, for which the
+    spec meter counts every position, padding included; replace the step's count by the real tokens of the rows
+    (`real`), and count sequences as pairs x 2, so tokens, FLOPs and samples mean what they mean for TRL."""
+    collate = reward.collate_shared_pairs
+
+    def counted(batch: Any, pad_id: int) -> Any:
+        packed = collate(batch, pad_id)
+        meter.pending_real = int(packed["real"].sum())
+        return packed
+
+    def fix_counts() -> Any:
+        rec = pop()
+        real = getattr(meter, "pending_real", None)
+        grad = rec["per_role"].get("policy")
+        if real is not None and grad is not None:
+            grad.update(grad_tokens=real, grad_seqs=2 * grad["grad_seqs"])
+            rec["model_flops"] = 6.0 * flop_params * real
+        meter.pending_real = None
+        return rec
+
+    pop = meter.pop
+    reward.collate_shared_pairs, meter.pop = counted, fix_counts
+
+
+def count_fast_decoder_tokens() -> None:
+    """Our Llama decode forward (`alignloop.llama_decode`) runs the backbone's layers itself, so the spec meter's
+    pre-hook on the backbone never fires; fire the backbone's pre-hooks with what each call processes (prefill:
+    the prompts and their mask; a step: one token per row, as `generate` counts it), so both sides count alike."""
+    from alignloop import llama_decode
+
+    prefill, step = llama_decode.LlamaDecoder.prefill, llama_decode.LlamaDecoder.step
+
+    def fire(decoder: Any, ids: Any, mask: Any) -> None:
+        for hook in list(decoder.inner._forward_pre_hooks.values()):
+            hook(decoder.inner, (), {"input_ids": ids, "attention_mask": mask})
+
+    def counted_prefill(self: Any, ids: Any, mask: Any) -> Any:
+        fire(self, ids, mask)
+        return prefill(self, ids, mask)
+
+    def counted_step(self: Any, tokens: Any) -> Any:
+        import torch
+
+        fire(self, tokens[:, None], torch.ones_like(tokens[:, None]))
+        return step(self, tokens)
+
+    llama_decode.LlamaDecoder.prefill, llama_decode.LlamaDecoder.step = counted_prefill, counted_step
+
+
 class StepTimer:
     """Wall time between consecutive step ends (the first interval starts at `start()`), with the meter's counts."""
 
@@ -171,11 +221,12 @@ def ours_trainer(workload: str, model: str, precision: str, assets: Path, tmp: P
 
         cfg = load_config(reward.RewardConfig, None, [
             "--data.train_path", str(data / "prefs.jsonl"), "--data.eval_share", "0", "--data.max_length", "128",
-            "--data.use_margin", "false", "--batch.micro_batch_size", str(BATCH),
+            "--data.use_margin", "false", "--batch.micro_batch_size", str(BATCH), "--batch.eval_batch_size", str(2 * BATCH),
             "--batch.max_steps", str(WARMUP + measured), *optim_overrides(1e-4), *common])
         rm = AutoModelForSequenceClassification.from_pretrained(assets / "models" / f"{model}-rm", num_labels=1)
         rm.config.pad_token_id = tokenizer.pad_token_id
         meter.attach(rm, "policy", n_rm)
+        count_shared_prompt_rows(reward, meter, n_rm)
         timer.start()
         reward.train(cfg, models=(rm, tokenizer), on_step_end=timer)
     elif workload == "ppo":
@@ -290,6 +341,7 @@ def cmd_one(a: argparse.Namespace) -> None:
     if a.workload == "matmul":
         res = rb.run_matmul()
     else:
+        count_fast_decoder_tokens()
         raw = (ours_generate(a.model, a.precision, assets, rb) if a.workload == "generate"
                else ours_trainer(a.workload, a.model, a.precision, assets, tmp, rb))
         res = {"workload": a.workload, "model": a.model, "precision": a.precision, **summarise(a.workload, raw)}
@@ -350,7 +402,8 @@ def cmd_all(a: argparse.Namespace) -> None:
             continue
         tag = f"{framework}-{workload}-{model}-{precision}"
         json_out = work / f"{tag}.json"
-        args = ["--workload", workload, "--model", model, "--precision", precision, "--json-out", str(json_out)]
+        args = ["--workload", workload, "--precision", precision, "--json-out", str(json_out)]
+        args += ["--model", model] if workload != "matmul" else []
         if framework == "alignloop":
             cmd = me + args
         else:

@@ -35,3 +35,22 @@ def test_first_true_index_and_exact_div():
     assert exact_div(12, 4) == 3
     with pytest.raises(ValueError, match="not divisible"):
         exact_div(10, 4, "batch")
+
+
+def test_pack_shared_prefix_layout_positions_and_mask():
+    from alignloop.tensors import pack_shared_prefix
+
+    packed = pack_shared_prefix([([5, 6, 7, 8], [5, 6, 9]), ([1, 2], [1, 2, 3])], pad_id=0)
+    # row 0: common prefix [5, 6], then [7, 8], then [9]; row 1: the prefix stops one short of [1, 2]'s end
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9], [1, 2, 2, 3, 0]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 2, 0]]
+    assert packed["first_last"].tolist() == [3, 1] and packed["second_last"].tolist() == [4, 3]
+    allowed = packed["attention_mask"][0, 0].int().tolist()
+    assert allowed == [[1, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0],
+                       [1, 1, 1, 0, 0],
+                       [1, 1, 1, 1, 0],
+                       [1, 1, 0, 0, 1]]  # the second rest sees the prefix and itself, never the first rest
+    padded = packed["attention_mask"][1, 0].int().tolist()
+    assert padded[3] == [1, 0, 1, 1, 0] and padded[4] == [0, 0, 0, 0, 1]  # a pad query sees only itself
+    assert packed["real"].tolist() == [[True] * 5, [True] * 4 + [False]]

@@ -47,7 +47,8 @@ from alignloop.data import PreferencePair, load_records
 from alignloop.losses import bradley_terry, reward_centering
 from alignloop.models import load_sequence_classifier, load_tokenizer, save_pretrained
 from alignloop.preferences import ranking_to_pairs
-from alignloop.rewards import sequence_scores
+from alignloop.rewards import has_decoder_backbone, sequence_scores, shared_prefix_pair_scores
+from alignloop.tensors import pack_shared_prefix
 from alignloop.tokenization import tokenize_conversation
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,10 @@ class RewardConfig:
     """Weight of the reward-centering term mean(r^2) (0 disables it)."""
     max_overfit_gap: float = 0.15
     """Stop when train accuracy exceeds held-out accuracy by more than this (evaluated every eval_every)."""
+    shared_prompt: bool = True
+    """Train on each pair as one row: the prompt once, then both responses, each seeing the prompt and itself
+    (exact for causal decoders, and the prompt is computed once instead of twice); encoders and multi-process
+    runs use two rows per pair."""
 
     def resolve(self) -> None:
         """Compute derived sizes once."""
@@ -204,13 +209,28 @@ def collate_pairs(batch: list[TokenizedPair], pad_id: int, padding_side: str = "
     }
 
 
+def collate_shared_pairs(batch: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Each pair as one row with its prompt once (`tensors.pack_shared_prefix`), margin (B,), weights (B, K)."""
+    packed = pack_shared_prefix([(p.chosen_ids, p.rejected_ids) for p in batch], pad_id)
+    packed.update(margin=torch.tensor([p.margin for p in batch], dtype=torch.float32),
+                  weights=torch.tensor([p.weights for p in batch], dtype=torch.float32))
+    return packed
+
+
 def pair_loss(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], weight_total: float, center_coef: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One concatenated forward; BT loss per head, weighted, normalised by the step's total weight."""
-    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"]).float()  # (2B, K)
-    n = scores.shape[0] // 2
-    chosen, rejected = scores[:n], scores[n:]  # (B, K)
+    """One forward for both sides (shared-prompt rows or chosen rows then rejected rows); BT loss per head,
+    weighted, normalised by the step's total weight."""
+    if "first_last" in batch:
+        shared = shared_prefix_pair_scores(model, batch)
+        if shared is None:
+            raise TypeError(f"{type(model).__name__}: shared-prompt rows need a causal decoder with a score head")
+        chosen, rejected = shared[0].float(), shared[1].float()  # (B, K)
+    else:
+        both = sequence_scores(model, batch["input_ids"], batch["attention_mask"]).float()  # (2B, K)
+        chosen, rejected = both[: both.shape[0] // 2], both[both.shape[0] // 2 :]  # (B, K)
+    scores, n = torch.cat([chosen, rejected]), chosen.shape[0]
     heads = chosen.shape[1]
     loss = torch.zeros((), device=scores.device)
     for k in range(heads):
@@ -309,6 +329,9 @@ def train(cfg: RewardConfig, *, models: tuple[Any, Any] | None = None,
         step = resumed["step"]
         guard.load_state_dict(resumed["guard"])
     wrapped, optimizer = acc.prepare(model, optimizer)
+    # Shared-prompt rows call the backbone directly, which only an unwrapped (single-process) decoder allows.
+    shared_rows = cfg.shared_prompt and wrapped is model and has_decoder_backbone(model)
+    collate = collate_shared_pairs if shared_rows else collate_pairs
     metrics = runtime.MetricsLogger(run_dir, enabled=is_main, tensorboard=cfg.run.tensorboard,
                                     resume_step=step if resumed else None)
     if is_main and resumed is None:
@@ -333,7 +356,7 @@ def train(cfg: RewardConfig, *, models: tuple[Any, Any] | None = None,
         micro_batches = runtime.split_global_batch(global_idx, acc.process_index, acc.num_processes, cfg.batch.grad_accum_steps)
         step_stats: dict[str, float] = {}
         for micro, idx in enumerate(micro_batches):
-            batch = {k: v.to(acc.device) for k, v in collate_pairs([train_set[i] for i in idx], tokenizer.pad_token_id).items()}
+            batch = {k: v.to(acc.device) for k, v in collate([train_set[i] for i in idx], tokenizer.pad_token_id).items()}
             sync = micro == len(micro_batches) - 1
             with (acc.no_sync(wrapped) if not sync else nullcontext()), acc.autocast():
                 loss, stats = pair_loss(wrapped, batch, weight_total / acc.num_processes, cfg.center_coef)

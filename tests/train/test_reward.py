@@ -16,7 +16,7 @@ from trainer_runs import run_subprocess
 
 from alignloop.config import TinyModelConfig, load_config
 from alignloop.losses import bradley_terry, reward_centering
-from alignloop.models import save_pretrained, tiny_model, train_tokenizer
+from alignloop.models import load_sequence_classifier, save_pretrained, tiny_model, train_tokenizer
 from alignloop.rewards import sequence_scores
 from alignloop.tensors import last_true_index
 from alignloop.train import reward
@@ -224,3 +224,28 @@ def test_T1_reward_sigkill_resumes_exactly(tiny_rm, pairs_file, rm_run, tmp_path
 def _rm_losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["rm/loss"] for r in rows if "rm/loss" in r}
+
+
+def test_shared_prompt_rows_give_the_scores_and_gradients_of_separate_rows(tiny_rm):
+    """One row per pair (prompt once) is exact for a causal decoder: same scores, same loss gradient."""
+    from alignloop.rewards import shared_prefix_pair_scores
+    from alignloop.tensors import pack_shared_prefix
+
+    folder, tok = tiny_rm
+    model = load_sequence_classifier(str(folder), num_labels=2)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 290, (n,), generator=gen).tolist() for n in (5, 9, 3)]
+    pairs = [(p + torch.randint(3, 290, (a,), generator=gen).tolist(), p + torch.randint(3, 290, (b,), generator=gen).tolist())
+             for p, a, b in zip(prompts, (4, 2, 6), (3, 5, 1), strict=True)]
+    rows = [s for pair in pairs for s in pair]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    separate = sequence_scores(model, ids, mask)  # (6, 2): chosen, rejected interleaved
+    chosen, rejected = shared_prefix_pair_scores(model, pack_shared_prefix(pairs, tok.pad_token_id))
+    assert torch.allclose(chosen, separate[0::2], atol=1e-5) and torch.allclose(rejected, separate[1::2], atol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_shared = torch.autograd.grad((chosen - rejected).sum(), params)
+    g_separate = torch.autograd.grad((separate[0::2] - separate[1::2]).sum(), params, allow_unused=True)
+    for a, b in zip(g_shared, g_separate, strict=True):
+        assert torch.allclose(a, b if b is not None else torch.zeros_like(a), atol=1e-5)
