@@ -392,6 +392,8 @@ def cmd_all(a: argparse.Namespace) -> None:
         results = json.loads(out.read_text())
     done = {(r["framework"], r["workload"], r["model"], r["precision"]) for r in results["runs"] if r.get("status") == "ok"}
     me = [sys.executable, str(Path(__file__).resolve()), "one", "--assets-dir", str(assets), "--workdir", str(work)]
+    prefixes = [(str(assets), "$ASSETS"), (str(work), "$WORKDIR"), (str(SPEC_DIR), "bench/trl"),
+                (str(Path(__file__).resolve().parents[1]), "$REPO")] + ([(str(Path(a.trl_envs).resolve()), "$TRL_ENVS")] if a.trl_envs else [])
     plan = [("alignloop", "matmul", "-", "fp32")]
     for precision in a.precisions.split(","):
         for model in a.models.split(","):
@@ -414,7 +416,7 @@ def cmd_all(a: argparse.Namespace) -> None:
         res.update(framework=framework, workload=workload, model=model, precision=precision)
         results["runs"] = [r for r in results["runs"] if (r["framework"], r["workload"], r["model"], r["precision"])
                            != (framework, workload, model, precision)] + [res]
-        out.write_text(json.dumps(results, indent=1))
+        out.write_text(json.dumps(rb.sanitize(results, prefixes), indent=1))  # no paths of this machine
         print(f"    -> {res['status']} in {res['elapsed_s']:.0f} s"
               + (f", median step {res['median_step_s']:.3f} s" if "median_step_s" in res else ""), flush=True)
     print(render(results, a.reference))
@@ -444,9 +446,9 @@ def render(results: dict[str, Any], reference: str | None = None) -> str:
     lines = []
     if ceil:
         lines += [f"Matmul ceiling (spec `run_matmul`): fp32 {ceil['fp32']:.1f} GFLOP/s, bf16 {ceil['bf16']:.1f} GFLOP/s", ""]
-    lines += ["| workload | model | prec | alignloop samples/s | TRL samples/s | **speed ratio** | alignloop RSS MiB | "
-              "TRL RSS MiB | **RSS ratio** | alignloop % ceiling | TRL % ceiling |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| workload | model | prec | alignloop samples/s | TRL samples/s | **speed ratio** | median-step ratio | "
+              "alignloop RSS MiB | TRL RSS MiB | **RSS ratio** | alignloop % ceiling | TRL % ceiling |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     keys = sorted({k[1:] for k in runs if k[1] != "matmul"},
                   key=lambda k: (k[2] != "fp32", k[1] != "tiny", WORKLOADS.index(k[0])))
     for workload, model, precision in keys:
@@ -454,8 +456,9 @@ def render(results: dict[str, Any], reference: str | None = None) -> str:
         c = ceil.get(precision)
         speed = f"**{ours['samples_per_s'] / trl['samples_per_s']:.2f}x**" if ours and trl else "-"
         rss = f"**{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f}**" if ours and trl else "-"
+        median = f"{trl['median_step_s'] / ours['median_step_s']:.2f}x" if ours and trl else "-"
         lines.append(f"| {workload} | {model} | {precision} | {_cell(ours, 'samples_per_s', '{:.2f}')} | "
-                     f"{_cell(trl, 'samples_per_s', '{:.2f}')} | {speed} | {_cell(ours, 'peak_rss_mib', '{:.0f}')} | "
+                     f"{_cell(trl, 'samples_per_s', '{:.2f}')} | {speed} | {median} | {_cell(ours, 'peak_rss_mib', '{:.0f}')} | "
                      f"{_cell(trl, 'peak_rss_mib', '{:.0f}')} | {rss} | {_frac(ours, c)} | {_frac(trl, c)} |")
     if reference:
         ref = json.loads(Path(reference).read_text())
