@@ -30,8 +30,8 @@ def _base(model: torch.nn.Module) -> Any:
 
 
 def supports(model: torch.nn.Module) -> bool:
-    """Whether this forward reproduces `model`'s: a Llama causal LM with plain (or pre-scaled) rotary
-    embeddings, full attention and no dropout in eval."""
+    """Whether this forward reproduces `model`'s: a Llama causal LM with default rotary embeddings (scaled
+    variants such as linear, dynamic or llama3 take the transformers path) and full attention."""
     base = _base(model)
     config = getattr(base, "config", None)
     inner = getattr(base, "model", None)
