@@ -12,7 +12,6 @@ after is padding with mask 0, and the loop exits as soon as every row has ended.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignloop import llama_decode
 from alignloop.config import GenConfig
+from alignloop.models import accepts_logits_to_keep
 from alignloop.tensors import logprobs_of, position_ids_from_mask
 
 
@@ -129,15 +129,6 @@ def _check_config(cfg: GenConfig) -> None:
         raise ValueError("generation: max_new_tokens, batch_size and num_samples must be >= 1")
     if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
         raise ValueError("generation: need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
-
-
-def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether forward takes `logits_to_keep`: the prefill then computes one row of logits per
-    prompt instead of (B, P, V). A peft wrapper passes it through to its base model."""
-    model = getattr(model, "module", model)  # DistributedDataParallel passes keywords through
-    get_base = getattr(model, "get_base_model", None)
-    base = get_base() if callable(get_base) else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 class _TransformersStepper:

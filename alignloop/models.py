@@ -7,6 +7,7 @@ directly and no pickle is ever read.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -125,6 +126,15 @@ def tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, seed: i
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether forward takes `logits_to_keep`: the prefill then computes one row of logits per
+    prompt instead of (B, P, V). A peft wrapper passes it through to its base model."""
+    model = getattr(model, "module", model)  # DistributedDataParallel passes keywords through
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).parents[1] / "benchmarks" / "reward_hacking.py"
-
-
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("reward_hacking", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_modules import load_benchmark
 
 
 def test_reward_hacking_curves_and_plot(tmp_path):
-    bench = _bench_module()
+    bench = load_benchmark("reward_hacking")
     run = tmp_path / "run"
     run.mkdir()
     rows = [{"step": 0, "eval/score": -0.5, "eval/gold_score": 0.5}, {"step": 3, "ppo/score": 1.0},

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).parents[1] / "benchmarks" / "speed.py"
+from benchmark_modules import load_benchmark
 
 
 def _speed():
-    spec = importlib.util.spec_from_file_location("speed", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("speed")
 
 
 def step(dt: float, grad_tokens: int, seqs: int, nograd: int = 0, flops: float = 1e9) -> dict:

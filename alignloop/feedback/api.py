@@ -74,7 +74,7 @@ def labels(request: Request, project_id: int, me: Admin, kind: Kind = "votes") -
     with app_context(request).database.read() as db:
         rows = services.vote_rows(db, services.admin_project(db, project_id))
     out, report = records.export_records(kind, rows)
-    return schemas.LabelsOut(kind=kind, records=out, report=schemas.Report(**vars(report)))
+    return schemas.LabelsOut(kind=kind, records=out, report=report)
 
 
 @router.get("/projects/{project_id}/export.jsonl", response_class=PlainTextResponse,

@@ -7,6 +7,8 @@ schema first, so `alignloop app user add --admin` on an empty database is the wh
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alignloop.feedback import auth, migrations, records, security, services
@@ -25,6 +27,16 @@ def open_database(settings: Settings, migrate: bool = True) -> Database:
     return database
 
 
+@contextmanager
+def _opened(settings: Settings, migrate: bool = True) -> Iterator[Database]:
+    """`open_database` for one command, disposed of afterwards whatever happens."""
+    database = open_database(settings, migrate)
+    try:
+        yield database
+    finally:
+        database.dispose()
+
+
 def serve(settings: Settings, host: str, port: int, migrate: bool = True) -> None:
     """Run the app with uvicorn (one process: the login throttle counts per process)."""
     import uvicorn
@@ -39,73 +51,46 @@ def serve(settings: Settings, host: str, port: int, migrate: bool = True) -> Non
 
 def migrate(settings: Settings, revision: str = "head", down: bool = False) -> str | None:
     """Upgrade (or downgrade) to `revision`; returns the revision the database is then at."""
-    database = open_database(settings, migrate=False)
-    try:
+    with _opened(settings, migrate=False) as database:
         (migrations.downgrade if down else migrations.upgrade)(database.engine, revision)
         return migrations.current_revision(database.engine)
-    finally:
-        database.dispose()
 
 
 def add_user(settings: Settings, username: str, password: str, admin: bool) -> None:
-    database = open_database(settings)
-    try:
-        with database.write() as db:
-            auth.create_user(db, security.password_hasher(settings), username, password, "admin" if admin else "annotator")
-    finally:
-        database.dispose()
+    with _opened(settings) as database, database.write() as db:
+        auth.create_user(db, security.password_hasher(settings), username, password, "admin" if admin else "annotator")
 
 
 def add_token(settings: Settings, username: str, name: str) -> str:
     """A new API token for an admin; only its hash is stored, so this is the one time it is seen."""
-    database = open_database(settings)
-    try:
-        with database.write() as db:
-            return auth.create_api_token(db, username, name)
-    finally:
-        database.dispose()
+    with _opened(settings) as database, database.write() as db:
+        return auth.create_api_token(db, username, name)
 
 
 def add_project(settings: Settings, name: str, overlap_k: int, guidelines: str, annotators: list[str]) -> int:
-    database = open_database(settings)
-    try:
-        with database.write() as db:
-            project = services.create_project(db, name, guidelines, overlap_k)
-            for username in annotators:
-                services.add_member(db, project, username)
-            return project.id
-    finally:
-        database.dispose()
+    with _opened(settings) as database, database.write() as db:
+        project = services.create_project(db, name, guidelines, overlap_k)
+        for username in annotators:
+            services.add_member(db, project, username)
+        return project.id
 
 
 def add_member(settings: Settings, project: str, username: str) -> None:
-    database = open_database(settings)
-    try:
-        with database.write() as db:
-            services.add_member(db, services.project_by_name(db, project), username)
-    finally:
-        database.dispose()
+    with _opened(settings) as database, database.write() as db:
+        services.add_member(db, services.project_by_name(db, project), username)
 
 
 def import_items(settings: Settings, project: str, path: Path) -> int:
     """Import a JSON Lines file into a project, all or nothing (DataError names line and field)."""
     items = records.parse_jsonl(path.read_bytes(), str(path))
-    database = open_database(settings)
-    try:
-        with database.write() as db:
-            return services.import_items(db, services.project_by_name(db, project), items, str(path))
-    finally:
-        database.dispose()
+    with _opened(settings) as database, database.write() as db:
+        return services.import_items(db, services.project_by_name(db, project), items, str(path))
 
 
 def export_labels(settings: Settings, project: str, kind: str, out: Path) -> dict[str, int]:
     """Write the `kind` export of a project to `out` (written whole, then renamed into place)."""
-    database = open_database(settings)
-    try:
-        with database.read() as db:
-            rows = services.vote_rows(db, services.project_by_name(db, project))
-    finally:
-        database.dispose()
+    with _opened(settings) as database, database.read() as db:
+        rows = services.vote_rows(db, services.project_by_name(db, project))
     recs, report = records.export_records(kind, rows)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(records.jsonl(recs), encoding="utf-8")

@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from alignloop.preferences import ConversionReport
+
 
 class ProjectIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -53,20 +55,11 @@ class Progress(BaseModel):
     agreement: dict[str, float | None]
 
 
-class Report(BaseModel):
-    kept: int
-    dropped_ties: int = 0
-    dropped_both_bad: int = 0
-    dropped_small_gap: int = 0
-    dropped_no_majority: int = 0
-    dropped_unusable: int = 0
-    dropped_identical: int = 0
-
-
 class LabelsOut(BaseModel):
     kind: str
     records: list[dict[str, Any]]
-    report: Report
+    report: ConversionReport
+    """What each conversion kept and left out, by reason (`preferences.ConversionReport`)."""
 
 
 class ErrorOut(BaseModel):

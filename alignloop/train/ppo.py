@@ -46,9 +46,9 @@ from alignloop import checkpoint, runtime
 from alignloop.advantages import AdaptiveKLController, FixedKLController, gae, kl_penalty, token_rewards
 from alignloop.config import ConfigError, GenConfig, ModelConfig, OptimConfig, RunConfig, save_config, to_dict
 from alignloop.data import load_records
-from alignloop.generation import Rollout, accepts_logits_to_keep, decode_responses, generate
+from alignloop.generation import Rollout, decode_responses, generate
 from alignloop.losses import entropy_from_logits, explained_variance, ppo_policy_loss, value_loss
-from alignloop.models import build_policy, load_sequence_classifier, save_pretrained
+from alignloop.models import accepts_logits_to_keep, build_policy, load_sequence_classifier, save_pretrained
 from alignloop.rewards import RewardSource, RunningScoreNorm, reward_source, token_scores
 from alignloop.tensors import exact_div, logprobs_of, masked_mean, masked_whiten, position_ids_from_mask
 from alignloop.tokenization import encode_prompt

@@ -38,9 +38,8 @@ from alignloop.config import (
     to_dict,
 )
 from alignloop.data import SFTExample, load_records
-from alignloop.generation import accepts_logits_to_keep
 from alignloop.losses import sft_nll
-from alignloop.models import build_policy, load_tokenizer, save_pretrained
+from alignloop.models import accepts_logits_to_keep, build_policy, load_tokenizer, save_pretrained
 from alignloop.tensors import logprobs_of
 from alignloop.tokenization import TokenizedExample, collate_sft, length_bucketed_batches, tokenize_sft
 
