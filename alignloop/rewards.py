@@ -39,16 +39,22 @@ class RewardSource(Protocol):
     def __call__(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str]) -> torch.Tensor: ...
 
 
-def _decoder_backbone(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The transformer under a causal-LM sequence classifier (`model.model` with a `score` head), else None."""
-    if hasattr(model, "score") and hasattr(model, "base_model"):
-        return model.base_model  # type: ignore[return-value]
+def _decoder_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(transformer, score head) of a causal-LM sequence classifier, looking through a PEFT wrapper
+    (`get_base_model()`, adapters stay active); None for anything else: an encoder keeps its own pooling,
+    and a DDP wrapper must be called itself (its forward arms the gradient all-reduce)."""
+    inner = model
+    get_base = getattr(inner, "get_base_model", None)
+    if callable(get_base):
+        inner = get_base()
+    if hasattr(inner, "score") and hasattr(inner, "base_model") and inner.base_model is not inner:
+        return inner.base_model, inner.score
     return None
 
 
 def has_decoder_backbone(model: torch.nn.Module) -> bool:
     """Whether `model` is a causal-LM sequence classifier whose backbone and head this module can call apart."""
-    return _decoder_backbone(model) is not None
+    return _decoder_parts(model) is not None
 
 
 def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -58,28 +64,30 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     index from the attention mask (never from pad ids: pad may equal EOS, which ends every response).
     Encoders (BERT-like) keep their own pooling and must be fed right-padded input.
     """
-    backbone = _decoder_backbone(model)
-    if backbone is None:
+    parts = _decoder_parts(model)
+    if parts is None:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, K)
+    backbone, head = parts
     hidden = backbone(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
     ).last_hidden_state  # (B, T, H)
     last = last_true_index(attention_mask)  # (B,)
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-    return model.score(picked)  # (B, K)
+    return head(picked)  # (B, K)
 
 
 def shared_prefix_pair_scores(model: torch.nn.Module, packed: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Head outputs of both sides of each pair from `tensors.pack_shared_prefix` rows: (B, K) each, or None
     when `model` is not a causal decoder with a score head (an encoder's prompt would see the responses)."""
-    backbone = _decoder_backbone(model)
-    if backbone is None:
+    parts = _decoder_parts(model)
+    if parts is None:
         return None
+    backbone, head = parts
     hidden = backbone(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
                       position_ids=packed["position_ids"]).last_hidden_state  # (B, T, H)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     picked = torch.cat([hidden[rows, packed["first_last"]], hidden[rows, packed["second_last"]]])  # (2B, H)
-    scores = model.score(picked)  # (2B, K)
+    scores = head(picked)  # (2B, K)
     return scores[: len(rows)], scores[len(rows) :]
 
 
@@ -88,13 +96,13 @@ def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
 
     The per-token sibling of `sequence_scores`, for decoder backbones only (an encoder has no causal state).
     """
-    backbone = _decoder_backbone(model)
-    if backbone is None:
+    parts = _decoder_parts(model)
+    if parts is None:
         raise TypeError(f"{type(model).__name__}: per-token scores need a decoder backbone with a `score` head")
+    backbone, head = parts
     hidden = backbone(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
     ).last_hidden_state  # (B, T, H)
-    head: torch.nn.Module = model.score  # type: ignore[assignment]
     return head(hidden)  # (B, T, K)
 
 

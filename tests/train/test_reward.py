@@ -226,13 +226,24 @@ def _rm_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["rm/loss"] for r in rows if "rm/loss" in r}
 
 
-def test_shared_prompt_rows_give_the_scores_and_gradients_of_separate_rows(tiny_rm):
-    """One row per pair (prompt once) is exact for a causal decoder: same scores, same loss gradient."""
-    from alignloop.rewards import shared_prefix_pair_scores
+@pytest.mark.parametrize("wrapper", ["none", "lora"])
+def test_shared_prompt_rows_give_the_scores_and_gradients_of_separate_rows(tiny_rm, wrapper):
+    """One row per pair (prompt once) is exact for a causal decoder: same scores, same loss gradient; also
+    through a PEFT LoRA wrapper (adapters active)."""
+    from alignloop.config import LoRAConfig
+    from alignloop.rewards import has_decoder_backbone, shared_prefix_pair_scores
     from alignloop.tensors import pack_shared_prefix
 
     folder, tok = tiny_rm
-    model = load_sequence_classifier(str(folder), num_labels=2)
+    torch.manual_seed(0)
+    lora = LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]) if wrapper == "lora" else None
+    model = load_sequence_classifier(str(folder), num_labels=2, lora=lora)
+    if wrapper == "lora":  # make the adapters matter (B starts at zero)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+    assert has_decoder_backbone(model)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 290, (n,), generator=gen).tolist() for n in (5, 9, 3)]
     pairs = [(p + torch.randint(3, 290, (a,), generator=gen).tolist(), p + torch.randint(3, 290, (b,), generator=gen).tolist())
@@ -242,6 +253,11 @@ def test_shared_prompt_rows_give_the_scores_and_gradients_of_separate_rows(tiny_
     ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     separate = sequence_scores(model, ids, mask)  # (6, 2): chosen, rejected interleaved
+    if wrapper == "lora":  # the model's own forward (HF pooling at the last non-pad token) agrees: adapters on
+        own = model(input_ids=ids, attention_mask=mask).logits
+        assert torch.allclose(separate, own, atol=1e-5)
+        with model.disable_adapter():
+            assert not torch.allclose(sequence_scores(model, ids, mask), separate, atol=1e-3)
     chosen, rejected = shared_prefix_pair_scores(model, pack_shared_prefix(pairs, tok.pad_token_id))
     assert torch.allclose(chosen, separate[0::2], atol=1e-5) and torch.allclose(rejected, separate[1::2], atol=1e-5)
     params = [p for p in model.parameters() if p.requires_grad]
