@@ -185,6 +185,16 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
+    from alignloop import serve
+
+    if overrides:
+        raise ConfigError(f"serve takes no config keys; unknown arguments {overrides}")
+    serve.run(args.model, args.host, args.port, args.model_name, os.environ.get(serve.API_KEY_ENV) or None,
+              dtype=args.dtype, device=args.device)
+    return 0
+
+
 def build_app_parser() -> argparse.ArgumentParser:
     """`alignloop app ...`: the feedback web app. Kept apart from build_parser so that serving never
     imports the trainers (and torch); settings come from ALIGNLOOP_APP_* variables (docs/feedback.md)."""
@@ -215,15 +225,19 @@ def build_app_parser() -> argparse.ArgumentParser:
             p.add_argument("--overlap", type=int, default=1, help="annotators per item (k)")
             p.add_argument("--guidelines-file", type=Path, help="plain-text guidelines shown to annotators")
             p.add_argument("--annotator", action="append", default=[], help="a member (repeatable)")
+            p.add_argument("--task", default="pairwise", choices=["pairwise", "rank", "rate", "edit", "chat"],
+                           help="what annotators do with each item (docs/feedback.md)")
         else:
             p.add_argument("project")
             p.add_argument("username")
     p = sub.add_parser("import", help="Import items (JSON Lines) into a project; all or nothing.")
     p.add_argument("project", help="project name")
     p.add_argument("file", type=Path)
-    p = sub.add_parser("export", help="Export labels as training JSONL (pairs, annotator-pairs, votes, thumbs).")
+    p = sub.add_parser("export", help="Export labels as training JSONL (the kinds depend on the project's task).")
     p.add_argument("project", help="project name")
-    p.add_argument("--kind", default="pairs", choices=["pairs", "annotator-pairs", "votes", "thumbs"])
+    p.add_argument("--kind", choices=["pairs", "annotator-pairs", "votes", "thumbs", "rankings", "annotator-rankings",
+                                      "ratings", "annotator-ratings", "edits", "conversations"],
+                   help="default: the task's consensus kind (pairs, rankings, ratings; edits for edit projects)")
     p.add_argument("--out", type=Path, required=True)
     return parser
 
@@ -264,7 +278,7 @@ def cmd_app(argv: list[str]) -> int:
             print(commands.add_token(settings, args.username, args.name))
         elif command == "project":
             guidelines = args.guidelines_file.read_text(encoding="utf-8") if args.guidelines_file else ""
-            project_id = commands.add_project(settings, args.name, args.overlap, guidelines, args.annotator)
+            project_id = commands.add_project(settings, args.name, args.overlap, guidelines, args.annotator, args.task)
             print(f"project {args.name!r} has id {project_id}")
         elif command == "member":
             commands.add_member(settings, args.project, args.username)
@@ -273,7 +287,7 @@ def cmd_app(argv: list[str]) -> int:
             print(f"imported {commands.import_items(settings, args.project, args.file)} items into {args.project!r}")
         elif command == "export":
             report = commands.export_labels(settings, args.project, args.kind, args.out)
-            print(json.dumps({"out": str(args.out), "kind": args.kind, **report}))
+            print(json.dumps({"out": str(args.out), **report}))
     except (SettingsError, DataError, NotFound, Conflict, Invalid, ValueError, OSError) as err:
         print(f"alignloop app {command}: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
@@ -309,9 +323,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     p.add_argument("--prompts-file", type=Path, help="prompt records (JSONL/JSON/CSV/Parquet)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p = sub.add_parser("serve", help="Serve a model folder through an OpenAI-compatible /v1/chat/completions (docs/serve.md).",
+                       description="Serve a model folder through an OpenAI-compatible /v1/chat/completions and /v1/models. "
+                       "Set ALIGNLOOP_SERVE_API_KEY to require 'Authorization: Bearer <key>' (docs/serve.md).")
+    p.add_argument("model", type=Path, help="a Hugging Face model folder (e.g. runs/quickstart/sft/final)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--model-name", help="the model id clients send and answers carry (default: the folder's name)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     sub.add_parser("app", help="The feedback web app: serve, user add, import, export, ... (alignloop app --help).",
                    add_help=False)
-    handlers = {"quickstart": cmd_quickstart, "sft": cmd_sft, "reward": cmd_reward, "ppo": cmd_ppo, "reward-eval": cmd_reward_eval, "sandbox": cmd_sandbox, "generate": cmd_generate}
+    handlers = {"quickstart": cmd_quickstart, "sft": cmd_sft, "reward": cmd_reward, "ppo": cmd_ppo, "reward-eval": cmd_reward_eval, "sandbox": cmd_sandbox, "generate": cmd_generate,
+                "serve": cmd_serve}
     return parser, handlers
 
 

@@ -538,5 +538,7 @@ def test_optimizer_is_fused_adamw_matching_the_reference_update():
             opt.zero_grad()
             m(x).pow(2).sum().backward()
             opt.step()
+    # fp32 kernels round differently by CPU (2.1e-6 seen on AVX2, < 1e-6 on AVX-512); a wrong decay or
+    # bias correction moves these parameters by ~1e-2, so 1e-5 still catches any wrong update rule
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
-        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)

@@ -1,23 +1,24 @@
-"""The JSON API for programs (`/api/v1`): create projects and batches of items, poll progress, fetch
-labels. Every route is admin-only; programs authenticate with `Authorization: Bearer <API token>`
+"""The JSON API for programs (`/api/v1`): create projects and batches of items, set and test a chat
+project's model, poll progress and quality, fetch labels. Every route is admin-only; programs authenticate with `Authorization: Bearer <API token>`
 (`alignloop app token add`), browsers of admins with their session (and CSRF token for writes).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from alignloop.feedback import records, schemas, services
+from alignloop.feedback import conversations, exports, quality, records, schemas, services
 from alignloop.feedback.auth import Principal, app_context, require
 
 router = APIRouter(prefix="/api/v1", tags=["api"],
                    responses={401: {"model": schemas.ErrorOut}, 403: {"model": schemas.ErrorOut}})
 Admin = Annotated[Principal, Depends(require("admin"))]
-Kind = Annotated[str, Query(pattern="^(" + "|".join(records.EXPORT_KINDS) + ")$",
-                            description="pairs (consensus), annotator-pairs, votes (raw) or thumbs")]
+Kind = Annotated[str | None, Query(pattern="^(" + "|".join(exports.ALL_KINDS) + ")$",
+                                   description="an export kind of the project's task (docs/feedback.md)")]
 
 
 def _project_out(p: Any) -> schemas.ProjectOut:
@@ -39,7 +40,7 @@ def list_projects(request: Request, me: Admin) -> list[schemas.ProjectOut]:
 @router.post("/projects", status_code=201, responses={409: {"model": schemas.ErrorOut}})
 def create_project(request: Request, me: Admin, body: schemas.ProjectIn) -> schemas.ProjectOut:
     with app_context(request).database.write() as db:
-        project = services.create_project(db, body.name, body.guidelines, body.overlap_k)
+        project = services.create_project(db, body.name, body.guidelines, body.overlap_k, body.task)
         for name in body.annotators:
             services.add_member(db, project, name)
         return _project_out(project)
@@ -56,10 +57,57 @@ def add_member(request: Request, project_id: int, me: Admin, body: schemas.Membe
              responses={400: {"model": schemas.ErrorOut}, 404: {"model": schemas.ErrorOut}})
 def add_items(request: Request, project_id: int, me: Admin, body: schemas.ItemsIn) -> schemas.ItemsOut:
     """A batch of items, all or nothing: the first bad one gives 400 naming its 1-based `line` and `field`."""
-    items = records.parse_items(enumerate(body.items, 1), "items")
+    with app_context(request).database.read() as db:
+        task = services.admin_project(db, project_id).task
+    items = records.parse_items(enumerate(body.items, 1), "items", task)
     with app_context(request).database.write() as db:
         created = services.import_items(db, services.admin_project(db, project_id), items, "items")
     return schemas.ItemsOut(created=created)
+
+
+def _model_out(model: conversations.Endpoint | None) -> schemas.ModelOut:
+    if model is None:
+        return schemas.ModelOut(base_url=None, model=None, api_key_set=False, n_drafts=None, temperature=None,
+                                top_p=None, max_tokens=None, timeout_s=None)
+    return schemas.ModelOut(**model.public())
+
+
+@router.get("/projects/{project_id}/model", responses={400: {"model": schemas.ErrorOut}, 404: {"model": schemas.ErrorOut}})
+def get_model(request: Request, project_id: int, me: Admin) -> schemas.ModelOut:
+    """A chat project's model (all null until set); the API key is never returned, only `api_key_set`."""
+    with app_context(request).database.read() as db:
+        project = services.admin_project(db, project_id)
+        services._check_task(project, "chat")
+        return _model_out(conversations.endpoint(db, project))
+
+
+@router.put("/projects/{project_id}/model", responses={400: {"model": schemas.ErrorOut}, 404: {"model": schemas.ErrorOut}})
+def set_model(request: Request, project_id: int, me: Admin, body: schemas.ModelIn) -> schemas.ModelOut:
+    """Set a chat project's model. `api_key` left out keeps the stored one; null removes it."""
+    settings = conversations.Endpoint(body.base_url, body.model, body.api_key, body.n_drafts, body.temperature,
+                                      body.top_p, body.max_tokens, body.timeout_s)
+    with app_context(request).database.write() as db:
+        project = services.admin_project(db, project_id)
+        model = conversations.set_endpoint(db, project, settings, keep_key="api_key" not in body.model_fields_set)
+    return _model_out(model)
+
+
+@router.post("/projects/{project_id}/model/test",
+             responses={400: {"model": schemas.ErrorOut}, 404: {"model": schemas.ErrorOut}, 502: {"model": schemas.ErrorOut}})
+def try_model(request: Request, project_id: int, me: Admin, body: schemas.ModelTestIn | None = None) -> schemas.ModelTestOut:
+    """Ask the project's model for one draft now: 400 when it is not set or its host is not allowed
+    (`ALIGNLOOP_APP_MODEL_HOSTS`), 502 when the server is down, slow or answers something else."""
+    ctx = app_context(request)
+    with ctx.database.read() as db:
+        model = conversations.endpoint(db, services.admin_project(db, project_id))
+    if model is None:
+        raise conversations.NotConfigured(conversations.NO_MODEL)
+    start = time.perf_counter()
+    message = body.message if body is not None else conversations.TEST_MESSAGE
+    draft = conversations.ask_model(model, [{"role": "user", "content": message}], ctx.settings.model_hosts,
+                                    ctx.model_transport, n=1)[0]
+    return schemas.ModelTestOut(text=draft.text, model=draft.model, version=draft.version,
+                                finish_reason=draft.finish_reason, ms=round(1000 * (time.perf_counter() - start)))
 
 
 @router.get("/projects/{project_id}/progress", responses={404: {"model": schemas.ErrorOut}})
@@ -68,23 +116,33 @@ def progress(request: Request, project_id: int, me: Admin) -> schemas.Progress:
         return schemas.Progress(**services.project_progress(db, services.admin_project(db, project_id)))
 
 
-@router.get("/projects/{project_id}/labels", responses={404: {"model": schemas.ErrorOut}})
-def labels(request: Request, project_id: int, me: Admin, kind: Kind = "votes") -> schemas.LabelsOut:
-    """Labels as training records, with a report of what each conversion left out."""
+@router.get("/projects/{project_id}/quality", responses={404: {"model": schemas.ErrorOut}})
+def project_quality(request: Request, project_id: int, me: Admin) -> schemas.QualityOut:
+    """The dashboard's figures: agreement (Cohen per pair, Fleiss, Krippendorff) and per-annotator quality."""
     with app_context(request).database.read() as db:
-        rows = services.vote_rows(db, services.admin_project(db, project_id))
-    out, report = records.export_records(kind, rows)
+        return schemas.QualityOut(**quality.project_quality(db, services.admin_project(db, project_id)))
+
+
+@router.get("/projects/{project_id}/labels", responses={400: {"model": schemas.ErrorOut}, 404: {"model": schemas.ErrorOut}})
+def labels(request: Request, project_id: int, me: Admin, kind: Kind = None) -> schemas.LabelsOut:
+    """Labels as training records (default: every annotator's raw answers), with a report of what each
+    conversion left out."""
+    with app_context(request).database.read() as db:
+        project = services.admin_project(db, project_id)
+        kind = exports.resolve_kind(project.task, kind, raw=True)
+        out, report = exports.export(db, project, kind)
     return schemas.LabelsOut(kind=kind, records=out, report=report)
 
 
 @router.get("/projects/{project_id}/export.jsonl", response_class=PlainTextResponse,
-            responses={404: {"model": schemas.ErrorOut}})
-def export(request: Request, project_id: int, me: Admin, kind: Kind = "pairs") -> Response:
-    """The same records as a JSON Lines download, ready for `alignloop reward --data.train_path`."""
+            responses={400: {"model": schemas.ErrorOut}, 404: {"model": schemas.ErrorOut}})
+def export(request: Request, project_id: int, me: Admin, kind: Kind = None) -> Response:
+    """The same records as a JSON Lines download (default: the task's consensus kind), ready for
+    `alignloop reward --data.train_path` and the other trainers' loaders."""
     with app_context(request).database.read() as db:
         project = services.admin_project(db, project_id)
-        rows = services.vote_rows(db, project)
-    out, report = records.export_records(kind, rows)
+        kind = exports.resolve_kind(project.task, kind)
+        out, report = exports.export(db, project, kind)
     filename = f"{project.id}-{kind}.jsonl"
     return Response(records.jsonl(out), media_type="application/x-ndjson", headers={
         "Content-Disposition": f'attachment; filename="{filename}"', "X-Records-Kept": str(report.kept),

@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
@@ -27,6 +28,7 @@ from alignloop import __version__
 from alignloop.data import DataError
 from alignloop.feedback import api, pages, security
 from alignloop.feedback.auth import AppContext, LoginRequired
+from alignloop.feedback.chat import ChatError, HostRefused
 from alignloop.feedback.db import Database
 from alignloop.feedback.services import Conflict, Invalid, NotFound
 from alignloop.feedback.settings import Settings
@@ -35,14 +37,17 @@ access_log = logging.getLogger("alignloop.feedback.access")
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
-def create_app(settings: Settings, *, database: Database | None = None) -> FastAPI:
-    """The app for `settings` (SettingsError if unsafe); pass `database` to share an engine."""
+def create_app(settings: Settings, *, database: Database | None = None,
+               model_transport: httpx.BaseTransport | None = None) -> FastAPI:
+    """The app for `settings` (SettingsError if unsafe); pass `database` to share an engine, and
+    `model_transport` to answer the chat task's model requests in-process (tests)."""
     settings.validate()
     hasher = security.password_hasher(settings)
     ctx = AppContext(settings=settings, secret=settings.resolved_secret(),
                      database=database or Database(settings.database_url), hasher=hasher,
                      throttle=security.LoginThrottle(settings.login_failures_per_minute),
-                     dummy_hash=security.dummy_hash(hasher), templates=Jinja2Templates(directory=str(TEMPLATES)))
+                     dummy_hash=security.dummy_hash(hasher), templates=Jinja2Templates(directory=str(TEMPLATES)),
+                     model_transport=model_transport)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -102,6 +107,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(NotFound, simple(404))
     app.add_exception_handler(Conflict, simple(409))
     app.add_exception_handler(Invalid, simple(400))
+    # The chat task's model server: refused by the allow-list is the setup's fault (400); down, slow or
+    # answering nonsense is a bad gateway (502). Never a 500.
+    app.add_exception_handler(HostRefused, simple(400))
+    app.add_exception_handler(ChatError, simple(502))
     app.add_exception_handler(HTTPException, http_error)
 
 

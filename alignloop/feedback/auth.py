@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
@@ -26,6 +27,9 @@ from sqlalchemy.orm import Session
 from alignloop.feedback import security
 from alignloop.feedback.db import ROLES, ApiToken, AuthSession, Database, User, utcnow
 from alignloop.feedback.settings import Settings
+
+if TYPE_CHECKING:
+    import httpx
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,8 @@ class AppContext:
     throttle: security.LoginThrottle
     dummy_hash: str
     templates: Jinja2Templates
+    model_transport: httpx.BaseTransport | None = None
+    """How the chat task reaches model servers: None for the network; tests put a mock transport here."""
 
     @property
     def session_cookie(self) -> str:

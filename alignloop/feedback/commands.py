@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from alignloop.feedback import auth, migrations, records, security, services
+from alignloop.feedback import auth, exports, migrations, records, security, services
 from alignloop.feedback.db import Database
 from alignloop.feedback.settings import Settings
 
@@ -67,9 +67,10 @@ def add_token(settings: Settings, username: str, name: str) -> str:
         return auth.create_api_token(db, username, name)
 
 
-def add_project(settings: Settings, name: str, overlap_k: int, guidelines: str, annotators: list[str]) -> int:
+def add_project(settings: Settings, name: str, overlap_k: int, guidelines: str, annotators: list[str],
+                task: str = "pairwise") -> int:
     with _opened(settings) as database, database.write() as db:
-        project = services.create_project(db, name, guidelines, overlap_k)
+        project = services.create_project(db, name, guidelines, overlap_k, task)
         for username in annotators:
             services.add_member(db, project, username)
         return project.id
@@ -82,17 +83,22 @@ def add_member(settings: Settings, project: str, username: str) -> None:
 
 def import_items(settings: Settings, project: str, path: Path) -> int:
     """Import a JSON Lines file into a project, all or nothing (DataError names line and field)."""
-    items = records.parse_jsonl(path.read_bytes(), str(path))
-    with _opened(settings) as database, database.write() as db:
-        return services.import_items(db, services.project_by_name(db, project), items, str(path))
+    with _opened(settings) as database:
+        with database.read() as db:
+            task = services.project_by_name(db, project).task
+        items = records.parse_jsonl(path.read_bytes(), str(path), task)
+        with database.write() as db:
+            return services.import_items(db, services.project_by_name(db, project), items, str(path))
 
 
-def export_labels(settings: Settings, project: str, kind: str, out: Path) -> dict[str, int]:
-    """Write the `kind` export of a project to `out` (written whole, then renamed into place)."""
+def export_labels(settings: Settings, project: str, kind: str | None, out: Path) -> dict[str, int | str]:
+    """Write the `kind` export of a project (default: its task's consensus kind) to `out` (written whole,
+    then renamed into place); returns the kind and the conversion report."""
     with _opened(settings) as database, database.read() as db:
-        rows = services.vote_rows(db, services.project_by_name(db, project))
-    recs, report = records.export_records(kind, rows)
+        row = services.project_by_name(db, project)
+        kind = exports.resolve_kind(row.task, kind)
+        recs, report = exports.export(db, row, kind)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(records.jsonl(recs), encoding="utf-8")
     tmp.replace(out)
-    return {k: v for k, v in vars(report).items() if v} | {"kept": report.kept}
+    return {"kind": kind} | {k: v for k, v in vars(report).items() if v} | {"kept": report.kept}

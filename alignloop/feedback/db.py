@@ -1,11 +1,13 @@
 """Every table of the feedback app (SQLAlchemy models) and the engine with its durability settings.
 
 The schema itself is created and changed only by the Alembic migrations in `migrations/` (0001 matches
-these models; a test compares them). SQLite gets WAL, `synchronous=FULL`, `busy_timeout=5000` and
+these models; a test compares them). SQLite gets WAL, `synchronous=FULL`, `busy_timeout=30000` and
 foreign keys on every connection, and write transactions start with `BEGIN IMMEDIATE`: a deferred
 transaction that later writes can fail with "database is locked" under concurrent submissions, an
 immediate one waits its turn (RELIABILITY.md W10-W12). PostgreSQL runs with `synchronous_commit=on`.
 Times are naive UTC (SQLite keeps no zone). A label is never deleted: undo sets `undone_at`.
+Nullable JSON columns (`Item.gold`, `Label.answer`) store Python None as SQL NULL, so `IS NULL` works.
+The chat task's conversations (0003) hang off assignments: turns, their drafts and the annotator's picks.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 ROLES = ("admin", "annotator")
 ASSIGNMENT_STATUSES = ("open", "done", "skipped")
 CHOICES = ("a", "b", "tie", "both_bad")
+TASKS = ("pairwise", "rank", "rate", "edit", "chat")
+"""What annotators do with a project's items (`Project.task`; fixed when the project is made)."""
 
 
 def utcnow() -> dt.datetime:
@@ -92,7 +96,8 @@ class ProjectMember(Base):
 
 
 class Item(Base):
-    """A prompt with candidate responses; `external_id` is the id given at import."""
+    """A prompt with candidate responses (2 to compare, 2-9 to rank, 1 to rate or edit); `external_id` is
+    the id given at import. A gold item also holds its known answer, for per-annotator quality."""
 
     __tablename__ = "items"
     __table_args__ = (sa.UniqueConstraint("project_id", "external_id", name="uq_items_project_external"),)
@@ -102,6 +107,12 @@ class Item(Base):
     external_id: Mapped[str] = mapped_column(sa.String(200))
     prompt: Mapped[list[Any]]
     meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    gold: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON(none_as_null=True), default=None)
+    """The known answer, in the shape of `Label.answer` (pairwise: {"choice": "a"}), or None."""
+    owner_id: Mapped[int | None] = mapped_column(default=None)
+    """Chat: the user who started this conversation by typing its first message; such an item is theirs
+    alone and never handed out. A plain column, not a foreign key: adding one on SQLite would rebuild the
+    items table, and users are never deleted (they are deactivated)."""
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     responses: Mapped[list[Response]] = relationship(order_by="Response.position", lazy="selectin")
 
@@ -131,8 +142,8 @@ class ItemAuthor(Base):
 
 
 class Assignment(Base):
-    """An item handed to one annotator, with the left/right order it is shown in (`presented_order[0]`
-    is the position of the response shown on the left)."""
+    """An item handed to one annotator, with the order its responses are shown in (`presented_order[d]` is
+    the position of the response shown d-th; pairwise: [left, right])."""
 
     __tablename__ = "assignments"
     __table_args__ = (
@@ -151,15 +162,20 @@ class Assignment(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
+ONE_OUTCOME = ("(CASE WHEN choice IS NULL THEN 0 ELSE 1 END) + (CASE WHEN answer IS NULL THEN 0 ELSE 1 END)"
+               " + (CASE WHEN skip_reason IS NULL THEN 0 ELSE 1 END) = 1")
+
+
 class Label(Base):
-    """One annotator's raw vote (or skip) on an assignment. `choice` is in response positions ("a" =
-    position 0), `displayed_choice` as clicked ("left", "right", ...); undo sets `undone_at`."""
+    """One annotator's raw answer (or skip) on an assignment: exactly one of `choice` (pairwise, in response
+    positions: "a" = position 0; `displayed_choice` as clicked, "left", "right", ...), `answer` (rank, rate,
+    edit: see tasks.py) or `skip_reason`. Undo sets `undone_at`."""
 
     __tablename__ = "labels"
     __table_args__ = (
         sa.UniqueConstraint("user_id", "idempotency_key", name="uq_labels_user_idempotency"),
         sa.CheckConstraint("choice IS NULL OR choice IN ('a', 'b', 'tie', 'both_bad')", name="ck_labels_choice"),
-        sa.CheckConstraint("(choice IS NULL) <> (skip_reason IS NULL)", name="ck_labels_vote_or_skip"),
+        sa.CheckConstraint(ONE_OUTCOME, name="ck_labels_one_outcome"),
         sa.Index("uq_labels_active_assignment", "assignment_id", unique=True,
                  sqlite_where=sa.text("undone_at IS NULL"), postgresql_where=sa.text("undone_at IS NULL")),
         sa.Index("ix_labels_project_user", "project_id", "user_id"),
@@ -173,8 +189,97 @@ class Label(Base):
     choice: Mapped[str | None] = mapped_column(sa.String(16), default=None)
     strength: Mapped[str | None] = mapped_column(sa.String(32), default=None)
     displayed_choice: Mapped[str | None] = mapped_column(sa.String(16), default=None)
+    answer: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON(none_as_null=True), default=None)
     skip_reason: Mapped[str | None] = mapped_column(sa.Text, default=None)
     presented_order: Mapped[list[Any]]
+    time_spent_ms: Mapped[int | None] = mapped_column(default=None)
+    idempotency_key: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    undone_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The chat task (see conversations.py)
+
+
+class ChatEndpoint(Base):
+    """The OpenAI-compatible model a chat project's annotators talk to, set by an admin. `api_key` is
+    sent to the model server and never shown again (pages and the API say only whether one is set)."""
+
+    __tablename__ = "chat_endpoints"
+    __table_args__ = (sa.CheckConstraint("n_drafts >= 1 AND n_drafts <= 9", name="ck_chat_endpoints_n_drafts"),)
+
+    project_id: Mapped[int] = mapped_column(sa.ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
+    base_url: Mapped[str] = mapped_column(sa.String(2000))
+    model: Mapped[str] = mapped_column(sa.String(200))
+    api_key: Mapped[str | None] = mapped_column(sa.Text, default=None)
+    n_drafts: Mapped[int] = mapped_column(default=2)
+    temperature: Mapped[float | None] = mapped_column(default=None)
+    top_p: Mapped[float | None] = mapped_column(default=None)
+    max_tokens: Mapped[int | None] = mapped_column(default=None)
+    timeout_s: Mapped[float] = mapped_column(default=60.0)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ChatTurn(Base):
+    """One assistant turn of a conversation (an assignment): the user's message asking for it (None for
+    the first turn, which answers the item's prompt) and its drafts. Undo withdraws a turn (`undone_at`)."""
+
+    __tablename__ = "chat_turns"
+    __table_args__ = (
+        sa.UniqueConstraint("assignment_id", "idempotency_key", name="uq_chat_turns_assignment_idempotency"),
+        sa.Index("uq_chat_turns_active_position", "assignment_id", "position", unique=True,
+                 sqlite_where=sa.text("undone_at IS NULL"), postgresql_where=sa.text("undone_at IS NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    assignment_id: Mapped[int] = mapped_column(sa.ForeignKey("assignments.id", ondelete="CASCADE"))
+    position: Mapped[int]
+    user_message: Mapped[str | None] = mapped_column(sa.Text, default=None)
+    idempotency_key: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    undone_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    drafts: Mapped[list[ChatDraft]] = relationship(order_by="[ChatDraft.round, ChatDraft.position]", lazy="selectin")
+
+
+class ChatDraft(Base):
+    """One response the model gave for a turn, with the model name and version that produced it. Round 0
+    came with the turn; each regenerate adds a round (drafts are never deleted)."""
+
+    __tablename__ = "chat_drafts"
+    __table_args__ = (sa.UniqueConstraint("turn_id", "round", "position", name="uq_chat_drafts_turn_round_position"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    turn_id: Mapped[int] = mapped_column(sa.ForeignKey("chat_turns.id", ondelete="CASCADE"), index=True)
+    round: Mapped[int]
+    position: Mapped[int]
+    text: Mapped[str] = mapped_column(sa.Text)
+    model_name: Mapped[str] = mapped_column(sa.String(200))
+    model_version: Mapped[str | None] = mapped_column(sa.String(200), default=None)
+    """The server's `system_fingerprint` (ours: a hash of the weights); None when it gave none."""
+    finish_reason: Mapped[str | None] = mapped_column(sa.String(32), default=None)
+    idempotency_key: Mapped[str] = mapped_column(sa.String(64))
+    """The request that asked for this round: a resent request finds its drafts instead of asking again."""
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ChatPick(Base):
+    """The annotator's choice of one draft of a turn (every other draft of the turn, all rounds, is worse)
+    and their thumb on it. At most one active pick per turn; undo sets `undone_at`."""
+
+    __tablename__ = "chat_picks"
+    __table_args__ = (
+        sa.UniqueConstraint("user_id", "idempotency_key", name="uq_chat_picks_user_idempotency"),
+        sa.Index("uq_chat_picks_active_turn", "turn_id", unique=True,
+                 sqlite_where=sa.text("undone_at IS NULL"), postgresql_where=sa.text("undone_at IS NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    turn_id: Mapped[int] = mapped_column(sa.ForeignKey("chat_turns.id", ondelete="CASCADE"))
+    draft_id: Mapped[int] = mapped_column(sa.ForeignKey("chat_drafts.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"))
+    thumb: Mapped[bool | None] = mapped_column(default=None)
+    """Up (True) or down (False) on the picked draft, or not given."""
     time_spent_ms: Mapped[int | None] = mapped_column(default=None)
     idempotency_key: Mapped[str] = mapped_column(sa.String(64))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
@@ -212,7 +317,7 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     # Hand transaction control to _sqlite_begin: pysqlite's own would issue a deferred BEGIN.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=5000", "foreign_keys=ON"):
+    for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=30000", "foreign_keys=ON"):
         cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
 

@@ -1,12 +1,13 @@
 """The app's only link to training: items it imports and the training records it exports.
 
 Import row (JSON Lines, one item per line; or a list in the JSON API):
-`{"id": "q1", "prompt": "text" | [messages], "responses": [{"text", "model", "version"?, "author"?}, x2],
-"author"?: "user name", "meta"?: {...}}` -- other keys go to meta, as in `alignloop.data`. Validation
-uses the loaders' rules and error codes; the first bad row raises `DataError` naming the line and field,
-and nothing is written.
+`{"id": "q1", "prompt": "text" | [messages], "responses": [{"text", "model", "version"?, "author"?}, ...],
+"author"?: "user name", "gold"?: {...}, "meta"?: {...}}` -- as many responses as the project's task takes
+(`tasks.RESPONSES`; chat items hold a prompt only, `responses` may be left out), a gold answer in the task's shape (`tasks.parse_gold`), other keys go to meta, as in
+`alignloop.data`. Validation uses the loaders' rules and error codes; the first bad row raises
+`DataError` naming the line and field, and nothing is written.
 
-Export: raw per-annotator votes (`preferences.Vote` rows, ties and both-bad included), pairs per
+Export (pairwise; the other tasks' exports are in `exports.py`): raw per-annotator votes (`preferences.Vote` rows, ties and both-bad included), pairs per
 annotator or one consensus pair per item (`PreferencePair` rows with the margin of the stated strength,
 ties and both-bad dropped and counted), and thumbs (`votes_to_thumbs`). Pair files load with
 `alignloop.data.load_records(path, "pair")`, the reward trainer's loader.
@@ -25,6 +26,7 @@ from typing import Any
 
 from alignloop.agreement import krippendorff_alpha, percent_agreement
 from alignloop.data import DataError, Message, _Bad, _fail, _msgs, _Row, _text, _tname, _turns
+from alignloop.feedback import tasks
 from alignloop.preferences import (
     STRENGTH_MARGINS,
     ConversionReport,
@@ -34,7 +36,6 @@ from alignloop.preferences import (
     votes_to_thumbs,
 )
 
-PAIRWISE_RESPONSES = 2
 STRENGTHS = ("much better", "better", "slightly better")
 EXPORT_KINDS = ("pairs", "annotator-pairs", "votes", "thumbs")
 
@@ -56,6 +57,10 @@ class ItemIn:
     responses: list[ResponseIn]
     author: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    gold: dict[str, Any] | None = None
+    """The known answer (`tasks.parse_gold`), or None."""
+    task: str = "pairwise"
+    """The task the row was validated for; importing it into a project of another task is refused."""
     line: int = 0
     """Where the row came from (for errors found later, such as an id already in the project)."""
 
@@ -87,8 +92,23 @@ def _response_in(raw: Any, fld: str) -> ResponseIn:
     return ResponseIn(text, model, version, author)
 
 
-def parse_item(raw: Any) -> ItemIn:
-    """One import row; raises `_Bad` naming the field (the caller adds the line)."""
+def _responses(raw: Any, task: str) -> list[ResponseIn]:
+    """The item's responses: as many as the task takes, texts all different."""
+    if not isinstance(raw, list):
+        _fail("D103", "responses", f"expected a list of responses, got {_tname(raw)}")
+    lo, hi = tasks.RESPONSES[task]
+    if not lo <= len(raw) <= hi:
+        _fail("D109", "responses", f"a {task} item needs {tasks.responses_rule(task)} responses, got {len(raw)}")
+    responses = [_response_in(v, f"responses[{i}]") for i, v in enumerate(raw)]
+    texts = [r.text for r in responses]
+    for i, text in enumerate(texts):
+        if text in texts[:i]:
+            _fail("D109", f"responses[{i}].text", f"identical to responses[{texts.index(text)}]")
+    return responses
+
+
+def parse_item(raw: Any, task: str = "pairwise") -> ItemIn:
+    """One import row for a project of `task`; raises `_Bad` naming the field (the caller adds the line)."""
     if not isinstance(raw, dict):
         _fail("D103", "<row>", f"expected an object, got {_tname(raw)}")
     r = _Row(raw)
@@ -96,28 +116,23 @@ def parse_item(raw: Any) -> ItemIn:
     if len(item_id) > 200:
         _fail("D109", "id", "ids are at most 200 characters")
     prompt = _turns(_msgs(r.req("prompt"), "prompt", "user"), "user")
-    raw_responses = r.req("responses")
-    if not isinstance(raw_responses, list):
-        _fail("D103", "responses", f"expected a list of responses, got {_tname(raw_responses)}")
-    if len(raw_responses) != PAIRWISE_RESPONSES:
-        _fail("D109", "responses", f"a pairwise item needs exactly {PAIRWISE_RESPONSES} responses, got {len(raw_responses)}")
-    responses = [_response_in(v, f"responses[{i}]") for i, v in enumerate(raw_responses)]
-    if responses[0].text == responses[1].text:
-        _fail("D109", "responses[1].text", "the two responses are identical")
+    responses = _responses(r.get("responses") or [] if task == "chat" else r.req("responses"), task)
+    gold = tasks.parse_gold(task, r.get("gold"), len(responses)) if r.has("gold") else None
     author = _optional_text(r, "author", "author")
     meta = r.data.get("meta", {})
     if not isinstance(meta, dict):
         _fail("D103", "meta", f"expected an object, got {_tname(meta)}")
     extra = {k: v for k, v in r.data.items() if k not in r.used}
-    return ItemIn(item_id, prompt, responses, author, {**meta, **extra})
+    return ItemIn(item_id, prompt, responses, author, {**meta, **extra}, gold, task)
 
 
-def parse_items(rows: Iterable[tuple[int, Any]], source: str) -> list[ItemIn]:
+def parse_items(rows: Iterable[tuple[int, Any]], source: str, task: str = "pairwise") -> list[ItemIn]:
     """Validated items from (line, row) pairs; the first bad row or repeated id raises DataError."""
+    tasks.check_task(task)
     items, seen = [], dict[str, int]()
     for line, raw in rows:
         try:
-            item = parse_item(raw)
+            item = parse_item(raw, task)
         except _Bad as bad:
             raise DataError(bad.code, bad.detail, path=source, line=line, field=bad.field) from None
         if item.id in seen:
@@ -128,7 +143,7 @@ def parse_items(rows: Iterable[tuple[int, Any]], source: str) -> list[ItemIn]:
     return items
 
 
-def parse_jsonl(data: bytes, source: str) -> list[ItemIn]:
+def parse_jsonl(data: bytes, source: str, task: str = "pairwise") -> list[ItemIn]:
     """Items from a JSON Lines upload (UTF-8); DataError with `source:line` for the first problem."""
     try:
         text = data.decode("utf-8-sig")
@@ -144,7 +159,7 @@ def parse_jsonl(data: bytes, source: str) -> list[ItemIn]:
                 raise DataError("D101", str(err), path=source, line=line) from None
     if not rows:
         raise DataError("D104", "no items in the upload", path=source)
-    return parse_items(rows, source)
+    return parse_items(rows, source, task)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,11 +248,12 @@ def _with_models(v: Vote) -> Vote:
     return dataclasses.replace(v, meta={**v.meta, "chosen_model": chosen, "rejected_model": rejected})
 
 
-def agreement(choices_by_item: Iterable[list[str]]) -> dict[str, float | None]:
-    """Krippendorff's alpha (nominal) and percent agreement of the choices on items with >= 2 votes;
-    None where undefined (JSON has no NaN)."""
+def agreement(choices_by_item: Iterable[list[Any]], level: str = "nominal") -> dict[str, float | None]:
+    """Krippendorff's alpha (at `level`: nominal, or ordinal for rating scores) and percent agreement of
+    the labels on units with >= 2 of them; None where undefined (JSON has no NaN)."""
     data = [list(c) for c in choices_by_item]
-    values = {"krippendorff_alpha": krippendorff_alpha(data), "percent_agreement": percent_agreement(data)}
+    values = {"krippendorff_alpha": krippendorff_alpha(data, level),  # type: ignore[arg-type]
+              "percent_agreement": percent_agreement(data)}
     return {k: None if math.isnan(v) else v for k, v in values.items()}
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from alignloop.feedback.conversations import TEST_MESSAGE
 from alignloop.preferences import ConversionReport
 
 
@@ -16,6 +17,10 @@ class ProjectIn(BaseModel):
     guidelines: str = Field("", max_length=100_000, description="Shown to annotators above every item (plain text).")
     overlap_k: int = Field(1, ge=1, le=100, description="How many annotators label each item.")
     annotators: list[str] = Field(default_factory=list, description="User names allowed to label it.")
+    task: Literal["pairwise", "rank", "rate", "edit", "chat"] = Field(
+        "pairwise", description="What annotators do: compare 2 responses, rank 2-9, rate 1 (1-5 on helpful, honest, "
+                                "harmless, with flags), edit 1, or chat with the project's model (set it with "
+                                "PUT /projects/{id}/model). Fixed once the project exists.")
 
 
 class ProjectOut(BaseModel):
@@ -46,6 +51,7 @@ class ItemsOut(BaseModel):
 
 class Progress(BaseModel):
     project: str
+    task: str
     items: int
     overlap_k: int
     votes: int
@@ -62,8 +68,97 @@ class LabelsOut(BaseModel):
     """What each conversion kept and left out, by reason (`preferences.ConversionReport`)."""
 
 
+class ModelIn(BaseModel):
+    """A chat project's model: any OpenAI-compatible server (`alignloop serve`, vLLM, a provider)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(min_length=1, max_length=2000, description="e.g. http://gpu-box:8001/v1")
+    model: str = Field(min_length=1, max_length=200, description="the model name the server serves")
+    api_key: str | None = Field(None, max_length=4096, description="sent as a bearer token; never returned. "
+                                "Left out: the stored key stays; null: it is removed.")
+    n_drafts: int = Field(2, ge=1, le=9, description="drafts per turn (one digit key each)")
+    temperature: float | None = Field(None, ge=0, le=2, description="null: the server's default")
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    timeout_s: float = Field(60.0, ge=1, le=600, description="how long one request for drafts may take")
+
+
+class ModelOut(BaseModel):
+    base_url: str | None
+    model: str | None
+    api_key_set: bool
+    n_drafts: int | None
+    temperature: float | None
+    top_p: float | None
+    max_tokens: int | None
+    timeout_s: float | None
+
+
+class ModelTestIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str = Field(TEST_MESSAGE, min_length=1, max_length=20_000)
+
+
+class ModelTestOut(BaseModel):
+    """One draft for the test message, with what produced it (`version`: the server's system_fingerprint)."""
+
+    text: str
+    model: str
+    version: str | None
+    finish_reason: str | None
+    ms: int
+
+
 class ErrorOut(BaseModel):
     detail: str
     code: str | None = None
     line: int | None = None
     field: str | None = None
+
+
+class CohenPair(BaseModel):
+    a: str
+    b: str
+    kappa: float | None
+    shared_units: int
+
+
+class Agreement(BaseModel):
+    """Over the task's units (docs/feedback.md): Krippendorff's alpha on every unit with 2+ labels, Fleiss'
+    kappa on the units with exactly `fleiss_n` labels, Cohen's kappa per annotator pair on shared units."""
+
+    units: int
+    units_shared: int
+    level: str
+    krippendorff_alpha: float | None
+    percent_agreement: float | None
+    fleiss_kappa: float | None
+    fleiss_units: int
+    fleiss_n: int
+    cohen: list[CohenPair]
+
+
+class AnnotatorQuality(BaseModel):
+    annotator: str
+    answers: int
+    consensus_agreement: float | None
+    consensus_units: int
+    gold_agreement: float | None
+    gold_units: int
+    median_ms: float | None
+    position_bias: float | None
+    """Share of stated preferences for the response shown first (pairwise: left); None for rate and edit."""
+    position_votes: int
+
+
+class QualityOut(BaseModel):
+    project: str
+    task: str
+    answers: int
+    gold_items: int
+    agreement: Agreement
+    annotators: list[AnnotatorQuality]
+    position_bias: float | None
+    position_chance: float | None

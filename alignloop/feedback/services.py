@@ -5,6 +5,10 @@ rules live here: an annotator sees only projects they are a member of (others ar
 do not leak), only their own labels, and is never assigned an item they wrote. Assignment honours the
 project's overlap k: an item is handed out until k annotators have labelled it or hold a fresh open
 assignment (older than the TTL, an open one stops counting so an absent annotator does not block it).
+Gold items are the exception: each goes to every member once (that is what gives each annotator a gold
+score), in import order among the others. Every task shares this machinery (assignment, skip, undo,
+idempotent resend); only the answer differs (`submit_label` for pairwise, `submit_answer` for rank, rate and
+edit; the chat task's turns, drafts and picks are in conversations.py).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from alignloop.data import DataError
+from alignloop.feedback import tasks
 from alignloop.feedback.db import (
     Assignment,
     Item,
@@ -53,18 +58,24 @@ class Invalid(ValueError):
 # Projects and members
 
 
-def create_project(db: Session, name: str, guidelines: str = "", overlap_k: int = 1) -> Project:
+def create_project(db: Session, name: str, guidelines: str = "", overlap_k: int = 1,
+                   task: str = "pairwise") -> Project:
+    """A new project; its task (db.TASKS) is fixed from now on, since items are validated for it."""
     name = name.strip()
     if not name or len(name) > 200:
         raise Invalid("a project name is 1-200 characters")
     if not 1 <= overlap_k <= 100:
         raise Invalid("overlap k must be between 1 and 100")
+    try:
+        tasks.check_task(task)
+    except tasks.BadAnswer as err:
+        raise Invalid(str(err)) from None
     if db.execute(sa.select(Project.id).where(Project.name == name)).first() is not None:
         raise Conflict(f"project {name!r} already exists")
-    project = Project(name=name, guidelines=guidelines, overlap_k=overlap_k)
+    project = Project(name=name, guidelines=guidelines, overlap_k=overlap_k, task=task)
     db.add(project)
     db.flush()
-    logger.info("project created", extra={"project": name, "overlap_k": overlap_k})
+    logger.info("project created", extra={"project": name, "overlap_k": overlap_k, "task": task})
     return project
 
 
@@ -131,8 +142,11 @@ def import_items(db: Session, project: Project, items: list[ItemIn], source: str
         if item.id in taken:
             raise DataError("D107", "an item with this id is already in the project", path=source, line=item.line,
                             field="id", record_id=item.id)
+        if item.task != project.task:
+            raise DataError("D109", f"the row was read for a {item.task} project; this one is {project.task}",
+                            path=source, line=item.line, record_id=item.id)
     for item in items:
-        row = Item(project_id=project.id, external_id=item.id, prompt=item.prompt, meta=item.meta)
+        row = Item(project_id=project.id, external_id=item.id, prompt=item.prompt, meta=item.meta, gold=item.gold)
         row.responses = [Response(position=i, text=r.text, model_name=r.model, model_version=r.version, author=r.author)
                          for i, r in enumerate(item.responses)]
         db.add(row)
@@ -151,15 +165,16 @@ def _counts_towards_k(cutoff: dt.datetime) -> sa.ColumnElement[bool]:
 
 
 def _eligible_items(project: Project, user: User, cutoff: dt.datetime) -> sa.Select[Any]:
-    """Items of the project this user may be given: not written by them, not already theirs, and
-    fewer than k annotators on them."""
+    """Items of the project this user may be given: not written by them, not already theirs, not a
+    conversation someone started by typing (chat), and fewer than k annotators on them (gold: any number)."""
     taken = (sa.select(sa.func.count()).select_from(Assignment)
              .where(Assignment.item_id == Item.id, _counts_towards_k(cutoff)).scalar_subquery())
     return sa.select(Item).where(
         Item.project_id == project.id,
+        Item.owner_id.is_(None),
         ~sa.exists().where(ItemAuthor.item_id == Item.id, ItemAuthor.username == user.username),
         ~sa.exists().where(Assignment.item_id == Item.id, Assignment.user_id == user.id),
-        taken < project.overlap_k,
+        (taken < project.overlap_k) | Item.gold.is_not(None),
     )
 
 
@@ -171,8 +186,8 @@ def current_assignment(db: Session, project: Project, user_id: int) -> Assignmen
 
 
 def next_assignment(db: Session, project: Project, user_id: int, ttl_minutes: float) -> Assignment | None:
-    """The user's open assignment, or a new one on the first eligible item in import order (shown in a
-    random left/right order, recorded); None when nothing is left for them. Call with the project row
+    """The user's open assignment, or a new one on the first eligible item in import order (its responses
+    shown in a random order, recorded); None when nothing is left for them. Call with the project row
     locked (member_project(lock=True)) so concurrent requests cannot overfill an item."""
     open_one = current_assignment(db, project, user_id)
     if open_one is not None:
@@ -183,7 +198,7 @@ def next_assignment(db: Session, project: Project, user_id: int, ttl_minutes: fl
     item = db.execute(_eligible_items(project, user, cutoff).order_by(Item.id).limit(1)).scalar_one_or_none()
     if item is None:
         return None
-    order = [0, 1]
+    order = list(range(len(item.responses)))
     _rng.shuffle(order)
     assignment = Assignment(project_id=project.id, item_id=item.id, user_id=user_id, presented_order=order)
     db.add(assignment)
@@ -212,6 +227,11 @@ def _canonical_choice(displayed: str, strength: str | None, order: list[int]) ->
     return ("a", "b")[position], strength
 
 
+def _clamped_ms(time_spent_ms: int | None) -> int | None:
+    """The page's own timer, kept within 0 ms and a day (a client can send anything)."""
+    return None if time_spent_ms is None else max(0, min(int(time_spent_ms), 86_400_000))
+
+
 def _replay(db: Session, user_id: int, key: str) -> Label | None:
     """The label already stored under this idempotency key: a resent request returns it, no duplicate."""
     if not key or len(key) > 64:
@@ -233,14 +253,47 @@ def _store(db: Session, assignment: Assignment, key: str, status: str, **fields:
 
 def submit_label(db: Session, project: Project, user_id: int, assignment_id: int, displayed: str,
                  strength: str | None, time_spent_ms: int | None, key: str) -> Label:
-    """Store one vote on the user's own open assignment (a replayed key returns the stored label)."""
+    """Store one pairwise vote on the user's own open assignment (a replayed key returns the stored label)."""
     if (existing := _replay(db, user_id, key)) is not None:
         return existing
+    _check_task(project, "pairwise")
     assignment = _own_assignment(db, project, user_id, assignment_id)
     choice, strength = _canonical_choice(displayed, strength or None, assignment.presented_order)
-    spent = None if time_spent_ms is None else max(0, min(int(time_spent_ms), 86_400_000))
     return _store(db, assignment, key, "done", choice=choice, strength=strength, displayed_choice=displayed,
-                  time_spent_ms=spent)
+                  time_spent_ms=_clamped_ms(time_spent_ms))
+
+
+def _check_task(project: Project, task: str) -> None:
+    if project.task != task:
+        raise Invalid(f"this project's task is {project.task}, not {task}")
+
+
+def _answer(task: str, form: dict[str, Any], assignment: Assignment, item: Item) -> dict[str, Any]:
+    """The stored answer of a rank, rate or edit form (see tasks.py), in import positions."""
+    try:
+        if task == "rank":
+            return tasks.rank_answer(str(form.get("ranking") or ""), assignment.presented_order)
+        if task == "rate":
+            return tasks.rate_answer({a: form.get(a) for a in tasks.RATE_AXES}, list(form.get("flags") or []))
+        if task == "edit":
+            return tasks.edit_answer(str(form.get("edited") or ""), item.responses[0].text)
+    except tasks.BadAnswer as err:
+        raise Invalid(str(err)) from None
+    raise Invalid(f"{task} answers are not taken here")
+
+
+def submit_answer(db: Session, project: Project, user_id: int, assignment_id: int, task: str, form: dict[str, Any],
+                  time_spent_ms: int | None, key: str) -> Label:
+    """Store a rank, rate or edit answer (`form` holds the task's fields) on the user's own open
+    assignment; a replayed key returns the stored label, as for votes."""
+    if (existing := _replay(db, user_id, key)) is not None:
+        return existing
+    _check_task(project, task)
+    assignment = _own_assignment(db, project, user_id, assignment_id)
+    item = db.get(Item, assignment.item_id)
+    assert item is not None
+    answer = _answer(task, form, assignment, item)
+    return _store(db, assignment, key, "done", answer=answer, time_spent_ms=_clamped_ms(time_spent_ms))
 
 
 def skip(db: Session, project: Project, user_id: int, assignment_id: int, reason: str, time_spent_ms: int | None,
@@ -252,8 +305,7 @@ def skip(db: Session, project: Project, user_id: int, assignment_id: int, reason
     if not reason or len(reason) > 1000:
         raise Invalid("a skip needs a reason (at most 1000 characters)")
     assignment = _own_assignment(db, project, user_id, assignment_id)
-    spent = None if time_spent_ms is None else max(0, min(int(time_spent_ms), 86_400_000))
-    return _store(db, assignment, key, "skipped", skip_reason=reason, time_spent_ms=spent)
+    return _store(db, assignment, key, "skipped", skip_reason=reason, time_spent_ms=_clamped_ms(time_spent_ms))
 
 
 def undo_last(db: Session, project: Project, user_id: int) -> Label | None:
@@ -273,21 +325,31 @@ def undo_last(db: Session, project: Project, user_id: int) -> Label | None:
 
 
 def item_view(db: Session, assignment: Assignment) -> dict[str, Any]:
-    """What the annotation page shows: prompt and the two responses in the presented order. Model names
-    are left out so annotators judge the text, not the brand."""
+    """What the annotation page shows: prompt and responses in the presented order (`shown`; pairwise
+    also `left` and `right`). Model names and gold answers are left out: annotators judge the text, not
+    the brand, and cannot tell a gold item from any other."""
     item = db.get(Item, assignment.item_id)
     assert item is not None
     texts = [r.text for r in item.responses]
-    left, right = (texts[p] for p in assignment.presented_order)
-    return {"assignment_id": assignment.id, "prompt": item.prompt, "left": left, "right": right}
+    shown = [texts[p] for p in assignment.presented_order]
+    view: dict[str, Any] = {"assignment_id": assignment.id, "prompt": item.prompt, "shown": shown}
+    if len(shown) == 2:
+        view["left"], view["right"] = shown
+    return view
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Progress and export
 
 
-def _active_votes() -> sa.ColumnElement[bool]:
-    return Label.undone_at.is_(None) & Label.choice.is_not(None)
+def _active_answers() -> sa.ColumnElement[bool]:
+    """Labels that count: not undone, not skips (a vote or a task answer)."""
+    return Label.undone_at.is_(None) & Label.skip_reason.is_(None)
+
+
+def answer_of(label: Label) -> dict[str, Any]:
+    """A label's answer in the shape of tasks.py (a pairwise vote is {"choice": ...})."""
+    return {"choice": label.choice} if label.choice is not None else dict(label.answer or {})
 
 
 def user_progress(db: Session, project: Project, user_id: int, ttl_minutes: float) -> dict[str, int]:
@@ -296,7 +358,7 @@ def user_progress(db: Session, project: Project, user_id: int, ttl_minutes: floa
     assert user is not None
     mine = sa.select(sa.func.count()).select_from(Label).where(
         Label.project_id == project.id, Label.user_id == user_id, Label.undone_at.is_(None))
-    labelled = db.execute(mine.where(Label.choice.is_not(None))).scalar_one()
+    labelled = db.execute(mine.where(Label.skip_reason.is_(None))).scalar_one()
     skipped = db.execute(mine.where(Label.skip_reason.is_not(None))).scalar_one()
     cutoff = utcnow() - dt.timedelta(minutes=ttl_minutes)
     available = db.execute(sa.select(sa.func.count()).select_from(_eligible_items(project, user, cutoff).subquery())).scalar_one()
@@ -304,36 +366,54 @@ def user_progress(db: Session, project: Project, user_id: int, ttl_minutes: floa
 
 
 def project_progress(db: Session, project: Project) -> dict[str, Any]:
-    """Items, votes, items with k votes, votes per annotator, skips, and inter-annotator agreement."""
+    """Items, answers ("votes"), items with k answers, answers per annotator, skips, and inter-annotator
+    agreement (Krippendorff's alpha at the task's level and percent agreement, over tasks.units)."""
     items = db.execute(sa.select(sa.func.count()).select_from(Item).where(Item.project_id == project.id)).scalar_one()
-    votes = db.execute(sa.select(Label.item_id, Label.choice, User.username).join(User, User.id == Label.user_id)
-                       .where(Label.project_id == project.id, _active_votes())).all()
     skips = db.execute(sa.select(sa.func.count()).select_from(Label).where(
         Label.project_id == project.id, Label.undone_at.is_(None), Label.skip_reason.is_not(None))).scalar_one()
-    by_item: dict[int, list[str]] = {}
+    rows = db.execute(sa.select(Label.item_id, Label.choice, Label.answer, User.username)
+                      .join(User, User.id == Label.user_id).where(Label.project_id == project.id, _active_answers())).all()
+    by_unit: dict[Any, list[Any]] = {}
+    per_item: dict[int, int] = {}
     per_annotator: dict[str, int] = {}
-    for item_id, choice, username in votes:
-        by_item.setdefault(item_id, []).append(str(choice))
+    for item_id, choice, answer, username in rows:
+        for unit, value in tasks.units(project.task, {"choice": choice} if choice else answer).items():
+            by_unit.setdefault((item_id, unit), []).append(value)
+        per_item[item_id] = per_item.get(item_id, 0) + 1
         per_annotator[username] = per_annotator.get(username, 0) + 1
-    complete = sum(len(c) >= project.overlap_k for c in by_item.values())
-    return {"project": project.name, "items": items, "overlap_k": project.overlap_k, "votes": len(votes),
-            "items_complete": complete, "skips": skips, "votes_per_annotator": per_annotator,
-            "agreement": agreement(by_item.values())}
+    complete = sum(n >= project.overlap_k for n in per_item.values())
+    return {"project": project.name, "task": project.task, "items": items, "overlap_k": project.overlap_k,
+            "votes": len(rows), "items_complete": complete, "skips": skips, "votes_per_annotator": per_annotator,
+            "agreement": agreement(by_unit.values(), tasks.ALPHA_LEVEL[project.task])}
+
+
+def active_labels(db: Session, project: Project) -> list[tuple[Label, Item, str]]:
+    """Every answer that counts (not undone, not a skip), oldest first, with its item and annotator name."""
+    return [tuple(row) for row in db.execute(  # type: ignore[misc]
+        sa.select(Label, Item, User.username).join(Item, Item.id == Label.item_id).join(User, User.id == Label.user_id)
+        .where(Label.project_id == project.id, _active_answers()).order_by(Label.id)).all()]
+
+
+def response_models(item: Item) -> list[dict[str, Any]]:
+    """The model (name, version) or author tag of each response, in import order."""
+    return [{"name": r.model_name, "version": r.model_version, **({"author": r.author} if r.author else {})}
+            for r in item.responses]
+
+
+def label_meta(project: Project, label: Label, item: Item) -> dict[str, Any]:
+    """What every exported raw record says about how its label was made."""
+    return {"project": project.name, "presented_order": label.presented_order, "time_spent_ms": label.time_spent_ms,
+            "labelled_at": label.created_at.isoformat() + "Z", **({"item_meta": item.meta} if item.meta else {})}
 
 
 def vote_rows(db: Session, project: Project) -> list[VoteRow]:
-    """Every active vote of the project, oldest first, with its item's texts and model tags."""
-    rows = db.execute(sa.select(Label, Item, User.username).join(Item, Item.id == Label.item_id)
-                      .join(User, User.id == Label.user_id)
-                      .where(Label.project_id == project.id, _active_votes()).order_by(Label.id)).all()
+    """Every active pairwise vote of the project, oldest first, with its item's texts and model tags."""
     out = []
-    for label, item, username in rows:
-        responses = item.responses
-        models = tuple({"name": r.model_name, "version": r.model_version, **({"author": r.author} if r.author else {})}
-                       for r in responses)
-        meta = {"project": project.name, "presented_order": label.presented_order,
-                "displayed_choice": label.displayed_choice, "time_spent_ms": label.time_spent_ms,
-                "labelled_at": label.created_at.isoformat() + "Z", **({"item_meta": item.meta} if item.meta else {})}
+    for label, item, username in active_labels(db, project):
+        if label.choice is None:
+            continue
+        responses, models = item.responses, response_models(item)
+        meta = {**label_meta(project, label, item), "displayed_choice": label.displayed_choice}
         out.append(VoteRow(item.external_id, item.prompt, (responses[0].text, responses[1].text),
                            (models[0], models[1]), username, str(label.choice), label.strength, meta))
     return out

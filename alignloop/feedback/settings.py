@@ -3,7 +3,7 @@
 A plain frozen dataclass: the app gets one `Settings` object through `create_app(settings)` and reads
 nothing from the environment itself, so tests build their own. `validate()` refuses what would be
 unsafe to serve (RELIABILITY.md W4): a missing or short secret, a secret file other users can read,
-password hashing weaker than OWASP's Argon2id minimum. Tests may lower the Argon2 cost only by passing
+password hashing weaker than OWASP's Argon2id minimum, a malformed model-host allow-list. Tests may lower the Argon2 cost only by passing
 `allow_weak_hashing=True`, which no environment variable sets.
 """
 
@@ -14,6 +14,8 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from alignloop.feedback.chat import parse_model_hosts
 
 ENV_PREFIX = "ALIGNLOOP_APP_"
 MIN_SECRET_LENGTH = 32
@@ -59,6 +61,9 @@ class Settings:
     """Tests only (no environment variable): accept Argon2 costs below the OWASP minimum."""
     log_json: bool = True
     """Write logs as one JSON object per line."""
+    model_hosts: tuple[str, ...] = ()
+    """Chat: non-public model servers the app may call (host names, IP addresses, CIDR networks; see
+    `chat.parse_model_hosts`). Empty: public addresses only, so a model on loopback must be listed."""
 
     def resolved_secret(self) -> str:
         """The secret from `secret_key` or `secret_key_file`; SettingsError if missing or too weak."""
@@ -91,6 +96,10 @@ class Settings:
                                 f"p={OWASP_PARALLELISM})")
         if self.login_failures_per_minute < 1 or self.session_hours <= 0:
             raise SettingsError("login_failures_per_minute must be >= 1 and session_hours > 0")
+        try:
+            parse_model_hosts(",".join(self.model_hosts))
+        except ValueError as err:
+            raise SettingsError(str(err)) from None
         for origin in self.allowed_origins:
             if not origin.startswith(("http://", "https://")) or origin.rstrip("/") != origin:
                 raise SettingsError(f"{ENV_PREFIX}ALLOWED_ORIGINS: {origin!r} is not scheme://host[:port]")
@@ -98,7 +107,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         """Defaults overridden by `ALIGNLOOP_APP_<FIELD>` variables (booleans: 1/0, true/false;
-        ALLOWED_ORIGINS: comma-separated). Not validated: call `validate()` before serving."""
+        ALLOWED_ORIGINS and MODEL_HOSTS: comma-separated). Not validated: call `validate()` before serving."""
         env = dict(os.environ if environ is None else environ)
         values: dict[str, object] = {}
         for f in dataclasses.fields(cls):

@@ -241,7 +241,7 @@ def train(cfg: SFTConfig, *, models: tuple[Any, Any] | None = None,
         global_idx = batches[pos]
         num_tokens = sum(sum(train_set[i].loss_mask) for i in global_idx)
         micro_batches = runtime.split_global_batch(global_idx, acc.process_index, acc.num_processes, cfg.batch.grad_accum_steps)
-        loss_sum, pad_share = torch.zeros((), device=acc.device), 0.0
+        loss_sum, pad_share = torch.zeros((), dtype=torch.float64, device=acc.device), 0.0  # float64: the logged sum adds no rounding of its own
         for micro, idx in enumerate(micro_batches):
             batch = {k: v.to(acc.device) for k, v in collate_sft([train_set[i] for i in idx], tokenizer.pad_token_id).items()}
             pad_share += 1 - batch["attention_mask"].float().mean().item()
@@ -252,7 +252,7 @@ def train(cfg: SFTConfig, *, models: tuple[Any, Any] | None = None,
                 if runtime.test_hooks(step + 1, micro):
                     loss = loss * float("inf")
                 acc.backward(loss)
-            loss_sum += loss.detach() / acc.num_processes
+            loss_sum += loss.detach().double() / acc.num_processes
 
         # 5. clip, guard against non-finite gradients, step
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")

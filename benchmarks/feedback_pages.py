@@ -1,0 +1,232 @@
+"""Server-side render time of the feedback app's busiest pages on a big project.
+
+Builds one pairwise project with N items (imported through `services.import_items`) and M labels
+(bulk-inserted assignments and labels spread over annotators, a few of them skips), then requests each
+page R times in-process (FastAPI's TestClient, after warm-up) as a logged-in user and reports the
+server-side time the app's access log measured (median and p95) and the client-side time. Target:
+the annotator's task page and the admin's project page under 100 ms at 10,000 items and 50,000 labels.
+
+    python benchmarks/feedback_pages.py                                  # SQLite in a temporary folder
+    python benchmarks/feedback_pages.py --database-url postgresql+psycopg://postgres@127.0.0.1/bench
+    python benchmarks/feedback_pages.py --items 50 --labels 100 --requests 5   # seconds, for a smoke test
+
+A PostgreSQL database should be empty or hold only earlier benchmark runs (names are made unique).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import math
+import random
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from alignloop.feedback import auth, migrations, records, security, services
+from alignloop.feedback.app import create_app
+from alignloop.feedback.db import Assignment, Database, Item, Label, utcnow
+from alignloop.feedback.settings import Settings
+
+TARGET_MS = 100.0
+PASSWORD = "benchmark-password-1"
+STRENGTHS = ("much better", "better", "slightly better")
+
+
+def settings_for(url: str) -> Settings:
+    # OWASP-minimum Argon2 costs: logins are not what is measured.
+    return Settings(database_url=url, secret_key=secrets.token_urlsafe(36), cookie_secure=False, log_json=False,
+                    argon2_memory_kib=19456, argon2_time_cost=2, argon2_parallelism=1)
+
+
+def _item_rows(n: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    for i in range(n):
+        yield i + 1, {"id": f"b{i:06d}", "prompt": f"Benchmark question {i}: explain item {i} in two sentences.",
+                      "responses": [{"text": f"First answer to {i}. " * 8, "model": "policy", "version": "step-1"},
+                                    {"text": f"Second answer to {i}. " * 8, "model": "reference", "version": "v0"}]}
+
+
+def build(database: Database, settings: Settings, n_items: int, n_labels: int, n_annotators: int,
+          seed: int = 0) -> dict[str, Any]:
+    """The project, its users and labels; returns ids and names for the requests, and build times."""
+    rng = random.Random(seed)
+    tag = secrets.token_hex(3)
+    per_item = max(1, math.ceil(n_labels / n_items))
+    if per_item > n_annotators:
+        raise SystemExit(f"--labels {n_labels} needs at least {per_item} annotators for {n_items} items")
+    hasher = security.password_hasher(settings)
+    t0 = time.perf_counter()
+    with database.write() as db:
+        admin = auth.create_user(db, hasher, f"bench-admin-{tag}", PASSWORD, "admin")
+        annotators = [auth.create_user(db, hasher, f"bench-a{k}-{tag}", PASSWORD, "annotator") for k in range(n_annotators)]
+        # k is one more than the votes an item gets, so every annotator still has items to label.
+        project = services.create_project(db, f"bench-{tag}", "Pick the more helpful answer.", per_item + 1)
+        for user in annotators:
+            services.add_member(db, project, user.username)
+        services.import_items(db, project, records.parse_items(_item_rows(n_items), "benchmark"), "benchmark")
+        item_ids = list(db.execute(sa.select(Item.id).where(Item.project_id == project.id).order_by(Item.id)).scalars())
+    t_items = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    now = utcnow()
+    assignments, labels = [], []
+    for j in range(n_labels):  # label j: item j mod N, by annotator (item + round) mod A, distinct per item
+        i, r = j % n_items, j // n_items
+        user = annotators[(i + r) % n_annotators]
+        order = rng.sample([0, 1], 2)
+        skipped = rng.random() < 0.02
+        when = now - dt.timedelta(seconds=n_labels - j)
+        assignments.append({"project_id": project.id, "item_id": item_ids[i], "user_id": user.id, "presented_order": order,
+                            "status": "skipped" if skipped else "done", "created_at": when, "updated_at": when})
+        displayed = rng.choice(("left", "left", "right", "right", "tie"))
+        vote = {"choice": None, "strength": None, "displayed_choice": None, "skip_reason": "not sure"} if skipped else {
+            "choice": "tie" if displayed == "tie" else ("a", "b")[order[0] if displayed == "left" else order[1]],
+            "strength": None if displayed == "tie" else rng.choice(STRENGTHS), "displayed_choice": displayed,
+            "skip_reason": None}
+        labels.append({"project_id": project.id, "item_id": item_ids[i], "user_id": user.id, "presented_order": order,
+                       "idempotency_key": f"bench-{j}", "time_spent_ms": rng.randint(2_000, 60_000), "created_at": when,
+                       **vote})
+    with database.write() as db:
+        for start in range(0, n_labels, 5000):
+            chunk = assignments[start:start + 5000]
+            ids = db.execute(sa.insert(Assignment).returning(Assignment.id, sort_by_parameter_order=True), chunk).scalars().all()
+            for label, assignment_id in zip(labels[start:start + 5000], ids, strict=True):
+                label["assignment_id"] = assignment_id
+            db.execute(sa.insert(Label), labels[start:start + 5000])
+    t_labels = time.perf_counter() - t0
+    return {"project_id": project.id, "admin": admin.username, "annotator": annotators[0].username,
+            "build_items_s": t_items, "build_labels_s": t_labels}
+
+
+class AccessTimes(logging.Handler):
+    """Collects the `ms` the app's access log measures for each request (server-side time)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.ms: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        ms = getattr(record, "ms", None)
+        if ms is not None:
+            self.ms.append(float(ms))
+
+
+@contextmanager
+def access_times() -> Iterator[AccessTimes]:
+    logger = logging.getLogger("alignloop.feedback.access")
+    handler, level = AccessTimes(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def measure(app: Any, username: str, path: str, n: int, warmup: int = 3) -> dict[str, float]:
+    """Median and p95 of server-side (access log) and client-side milliseconds over `n` GETs of `path`."""
+    from fastapi.testclient import TestClient
+
+    ctx = app.state.ctx
+    token = auth.login(ctx, username, PASSWORD)
+    assert token is not None
+    with TestClient(app, follow_redirects=False) as client:
+        client.cookies.set(ctx.session_cookie, token)
+        for _ in range(warmup):
+            assert client.get(path).status_code == 200, path
+        client_ms = []
+        with access_times() as times:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                response = client.get(path)
+                client_ms.append(1000 * (time.perf_counter() - t0))
+                assert response.status_code == 200, (path, response.status_code)
+    server_ms = times.ms[-n:]
+    return {"requests": n, "server_median_ms": statistics.median(server_ms), "server_p95_ms": p95(server_ms),
+            "client_median_ms": statistics.median(client_ms)}
+
+
+def pages(app: Any, info: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(name, user, path, has the 100 ms target) of each page measured; the dashboard if the app has one."""
+    pid = info["project_id"]
+    out = [("annotator task page", info["annotator"], f"/annotate/{pid}", True),
+           ("admin project page", info["admin"], f"/admin/projects/{pid}", True),
+           ("annotator home", info["annotator"], "/annotate", False),
+           ("admin home", info["admin"], "/admin", False)]
+    paths = {getattr(r, "path", "") for r in _all_routes(app)}
+    if "/admin/projects/{project_id}/dashboard" in paths:
+        out.append(("admin quality dashboard", info["admin"], f"/admin/projects/{pid}/dashboard", False))
+    return out
+
+
+def _all_routes(app: Any) -> list[Any]:
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:
+        return list(app.routes)
+    return list(iter_route_contexts(app.routes))
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = f"{'page':<26}{'requests':>9}{'server median ms':>18}{'server p95 ms':>15}{'client median ms':>18}  target"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        verdict = ("ok" if r["server_p95_ms"] < TARGET_MS else "OVER") if r["target"] else "-"
+        lines.append(f"{r['page']:<26}{r['requests']:>9}{r['server_median_ms']:>18.1f}{r['server_p95_ms']:>15.1f}"
+                     f"{r['client_median_ms']:>18.1f}  {f'< {TARGET_MS:.0f} ms: {verdict}' if r['target'] else verdict}")
+    return "\n".join(lines)
+
+
+def run(url: str, n_items: int, n_labels: int, n_requests: int, n_annotators: int) -> dict[str, Any]:
+    settings = settings_for(url)
+    database = Database(url)
+    try:
+        migrations.upgrade(database.engine)
+        info = build(database, settings, n_items, n_labels, n_annotators)
+        app = create_app(settings, database=database)
+        results = [{"page": name, "path": path, "target": target, **measure(app, user, path, n_requests)}
+                   for name, user, path, target in pages(app, info)]
+    finally:
+        database.dispose()
+    return {"database": database.dialect, "items": n_items, "labels": n_labels, "annotators": n_annotators,
+            "build_items_s": info["build_items_s"], "build_labels_s": info["build_labels_s"], "results": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=10_000)
+    parser.add_argument("--labels", type=int, default=50_000)
+    parser.add_argument("--annotators", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=50, help="timed requests per page (after 3 warm-up ones)")
+    parser.add_argument("--database-url", default="", help="default: SQLite in a temporary folder")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="alignloop-bench-") as tmp:
+        url = args.database_url or f"sqlite:///{Path(tmp) / 'bench.db'}"
+        out = run(url, args.items, args.labels, args.requests, args.annotators)
+    print(f"feedback pages on {out['database']}: {out['items']} items, {out['labels']} labels, "
+          f"{out['annotators']} annotators (built in {out['build_items_s']:.1f} s + {out['build_labels_s']:.1f} s)")
+    print(table(out["results"]))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

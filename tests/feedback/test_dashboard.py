@@ -1,0 +1,161 @@
+"""The admin quality dashboard and its API: agreement equals `alignloop.agreement` on hand-made label sets
+(pairwise, rank, rate), per-annotator quality is the hand-computed value, the page is admin-only and
+draws its charts as inline SVG under the strict CSP. Runs on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from fastapi import FastAPI
+from feedback_helpers import (
+    add_task_project,
+    add_user,
+    anonymous_client,
+    answer_all,
+    item_row,
+    session_client,
+    shown_numbers,
+    task_row,
+    token_client,
+)
+
+from alignloop.agreement import cohen_kappa, fleiss_kappa, krippendorff_alpha, percent_agreement
+from alignloop.feedback import quality
+
+# Canonical choices (import positions) per item and annotator; a3 skips p5; p4 is gold ("a").
+PAIRWISE = {
+    "p0": {"a1": "a", "a2": "a", "a3": "b"},
+    "p1": {"a1": "a", "a2": "a", "a3": "a"},
+    "p2": {"a1": "b", "a2": "tie", "a3": "b"},
+    "p3": {"a1": "both_bad", "a2": "b", "a3": "b"},
+    "p4": {"a1": "a", "a2": "b", "a3": "a"},
+    "p5": {"a1": "a", "a2": "b"},
+}
+ORDERS = {"a1": [0, 1], "a2": [1, 0], "a3": [0, 1]}  # a1 and a3 see "a" on the left, a2 on the right
+TIMES = {"a1": [1000, 2000, 3000, 4000, 5000, 6000], "a2": [700] * 6, "a3": [100, 300, 200, 500, 400]}
+
+
+def _pairwise_project(app: FastAPI) -> int:
+    for name in ORDERS:
+        add_user(app, name)
+    rows = [item_row(i, gold={"choice": "a"}) if i == "p4" else item_row(i) for i in PAIRWISE]
+    pid = add_task_project(app, "pw", "pairwise", list(ORDERS), rows, k=3)
+    for name, order in ORDERS.items():
+        times = dict(zip(PAIRWISE, TIMES[name], strict=False))
+        answer_all(app, pid, name, lambda item, _o, n=name: (
+            None if n not in PAIRWISE[item] else (PAIRWISE[item][n], None if PAIRWISE[item][n] in ("tie", "both_bad")
+                                                   else "better")),
+                   order=lambda k, o=order: list(o), ms=lambda item, t=times: t.get(item))
+    return pid
+
+
+def test_pairwise_quality_matches_agreement_module(app: FastAPI) -> None:
+    pid = _pairwise_project(app)
+    add_user(app, "boss", "admin")
+    q = token_client(app, "boss").get(f"/api/v1/projects/{pid}/quality").json()
+    items = list(PAIRWISE)
+
+    def column(name: str, among: list[str]) -> list[str | None]:
+        return [PAIRWISE[i].get(name) for i in among]
+
+    a = q["agreement"]
+    assert a["units"] == 6 and a["units_shared"] == 6 and a["level"] == "nominal"
+    assert a["krippendorff_alpha"] == pytest.approx(krippendorff_alpha([list(PAIRWISE[i].values()) for i in items]))
+    assert a["percent_agreement"] == pytest.approx(percent_agreement([list(PAIRWISE[i].values()) for i in items]))
+    full = items[:5]  # Fleiss' kappa: the five items with three labels (p5 has two)
+    assert (a["fleiss_units"], a["fleiss_n"]) == (5, 3)
+    assert a["fleiss_kappa"] == pytest.approx(fleiss_kappa(labels=[list(PAIRWISE[i].values()) for i in full]))
+    cohen = {(c["a"], c["b"]): (c["kappa"], c["shared_units"]) for c in a["cohen"]}
+    assert cohen == {
+        ("a1", "a2"): (pytest.approx(cohen_kappa(column("a1", items), column("a2", items))), 6),
+        ("a1", "a3"): (pytest.approx(cohen_kappa(column("a1", full), column("a3", full))), 5),
+        ("a2", "a3"): (pytest.approx(cohen_kappa(column("a2", full), column("a3", full))), 5),
+    }
+    # Consensus: p0 a, p1 a, p2 b, p3 b, p4 a; p5 (a vs b) has none. Gold: p4 = a.
+    # Left choices: a1 4 of 5 decisive (both-bad left out), a2 3 of 5 (tie left out), a3 2 of 5.
+    people = {p["annotator"]: p for p in q["annotators"]}
+    assert {n: (p["answers"], p["consensus_agreement"], p["consensus_units"]) for n, p in people.items()} == {
+        "a1": (6, 0.8, 5), "a2": (6, 0.6, 5), "a3": (5, 0.8, 5)}
+    assert {n: (p["gold_agreement"], p["gold_units"]) for n, p in people.items()} == {
+        "a1": (1.0, 1), "a2": (0.0, 1), "a3": (1.0, 1)}
+    assert {n: p["median_ms"] for n, p in people.items()} == {"a1": 3500, "a2": 700, "a3": 300}
+    assert {n: (p["position_bias"], p["position_votes"]) for n, p in people.items()} == {
+        "a1": (0.8, 5), "a2": (0.6, 5), "a3": (0.4, 5)}
+    assert q["position_bias"] == pytest.approx(9 / 15) and q["position_chance"] == 0.5
+    assert q["answers"] == 17 and q["gold_items"] == 1 and q["task"] == "pairwise"
+
+
+def test_rank_and_rate_units(app: FastAPI) -> None:
+    for name in ("r1", "r2", "boss"):
+        add_user(app, name, "admin" if name == "boss" else "annotator")
+    api = token_client(app, "boss")
+    rows = [task_row("k0", 3, gold={"ranking": [0, 1, 2]}), task_row("k1", 3)]
+    rank = add_task_project(app, "rank", "rank", ["r1", "r2"], rows, k=2)
+    wanted = {"r1": {"k0": [0, 1, 2], "k1": [2, 1, 0]}, "r2": {"k0": [1, 0, 2], "k1": [2, 0, 1]}}
+    orders = {"r1": [0, 1, 2], "r2": [2, 1, 0]}
+    for name, by_item in wanted.items():
+        answer_all(app, rank, name, lambda item, order, w=by_item: {"ranking": shown_numbers(w[item], order)},
+                   order=lambda k, o=orders[name]: list(o))
+    q = api.get(f"/api/v1/projects/{rank}/quality").json()
+    # Units per item: (0,1), (0,2), (1,2): is the first ranked above the second?
+    r1, r2 = [True, True, True, False, False, False], [False, True, True, True, False, False]
+    assert q["agreement"]["cohen"] == [{"a": "r1", "b": "r2", "kappa": pytest.approx(cohen_kappa(r1, r2)),
+                                        "shared_units": 6}]
+    assert q["agreement"]["krippendorff_alpha"] == pytest.approx(krippendorff_alpha(list(zip(r1, r2, strict=True))))
+    people = {p["annotator"]: p for p in q["annotators"]}
+    assert people["r1"]["consensus_agreement"] == 1.0 and people["r1"]["consensus_units"] == 4  # (0,1) is split 1-1 on both items
+    assert people["r1"]["gold_agreement"] == 1.0 and people["r2"]["gold_agreement"] == pytest.approx(2 / 3)
+    assert people["r1"]["position_bias"] == 0.5 and people["r2"]["position_bias"] == 0.5  # best shown first: 1 of 2
+    assert q["position_chance"] == pytest.approx(1 / 3)
+
+    rate = add_task_project(app, "rate", "rate", ["r1", "r2"], [task_row("t0", 1), task_row("t1", 1)], k=2)
+    scores: dict[str, dict[str, tuple[int, ...]]] = {"r1": {"t0": (5, 4, 3), "t1": (2, 2, 5)},
+                                                     "r2": {"t0": (4, 4, 3), "t1": (1, 3, 5)}}
+    for name, by_item in scores.items():
+        answer_all(app, rate, name, lambda item, order, s=by_item: dict(zip(("helpful", "honest", "harmless"), s[item],
+                                                                          strict=True)))
+    q = api.get(f"/api/v1/projects/{rate}/quality").json()
+    units = [[scores["r1"][i][axis], scores["r2"][i][axis]] for i in ("t0", "t1") for axis in range(3)]
+    assert q["agreement"]["level"] == "ordinal" and q["agreement"]["units"] == 6
+    assert q["agreement"]["krippendorff_alpha"] == pytest.approx(krippendorff_alpha(units, "ordinal"))
+    assert q["agreement"]["fleiss_kappa"] == pytest.approx(fleiss_kappa(labels=units))
+    assert q["position_chance"] is None and all(p["position_bias"] is None for p in q["annotators"])
+
+
+def test_dashboard_page_is_admin_only_with_svg_charts(app: FastAPI) -> None:
+    pid = _pairwise_project(app)
+    add_user(app, "boss", "admin")
+    url = f"/admin/projects/{pid}/dashboard"
+    assert session_client(app, "a1").get(url).status_code == 403
+    assert anonymous_client(app).get(url).status_code == 303
+    assert session_client(app, "a1").get(f"/api/v1/projects/{pid}/quality").status_code == 403
+    admin = session_client(app, "boss")
+    page = admin.get(url)
+    assert page.status_code == 200
+    html = page.text
+    for text in ("Krippendorff", "Fleiss", "Cohen", "a1 / a2", "Position bias", "Agreement with gold", "3.5"):
+        assert text in html, text
+    assert html.count("<svg") == 6 and "<rect" in html and 'stroke-dasharray' in html
+    nonce = re.search(r"'nonce-([^']+)'", page.headers["content-security-policy"]).group(1)
+    assert all(f'nonce="{nonce}"' in tag for tag in re.findall(r"<script[^>]*>", html))
+    assert not re.search(r"\son[a-z]+\s*=", html, re.I) and " style=" not in html
+    assert f'href="{url}"' in admin.get(f"/admin/projects/{pid}").text
+    assert admin.get("/admin/projects/999999/dashboard").status_code == 404
+
+
+def test_empty_project_dashboard(app: FastAPI) -> None:
+    add_user(app, "boss", "admin")
+    pid = add_task_project(app, "empty", "edit", [], [task_row("e0", 1)])
+    admin = session_client(app, "boss")
+    assert "No answers yet" in admin.get(f"/admin/projects/{pid}/dashboard").text
+    q = admin.get(f"/api/v1/projects/{pid}/quality").json()
+    assert q["answers"] == 0 and q["agreement"]["krippendorff_alpha"] is None and q["agreement"]["fleiss_kappa"] is None
+
+
+def test_bar_geometry() -> None:
+    bars = quality.bars([("x", 0.5), ("y", None), ("z", 2.0)], 0, 1, width=200)
+    assert [(b.x, b.width, b.text) for b in bars] == [(0, 100, "0.50"), (0, 0, "n/a"), (0, 200, "2.00")]
+    kappas = quality.bars([("p", -0.5), ("q", 0.25)], -1, 1, width=200)
+    assert [(b.x, b.width) for b in kappas] == [(50, 50), (100, 25)]
+    assert quality.chart_x(0.5, 0, 1, width=200) == 100
