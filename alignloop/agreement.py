@@ -14,6 +14,10 @@ Conventions for the awkward cases (each is tested):
 - Small samples give the plain estimate (no small-sample correction beyond alpha's own n - 1).
 - Invalid input raises ValueError: sequences of different lengths, a count table that is not 2-D, has
   negative counts or fewer than two raters per item, an unknown level, non-numeric ordinal values.
+
+Callers that count elsewhere (the feedback app counts in its database) pass tables instead of labels:
+`fleiss_kappa(table)`, `cohen_kappa_table`, `krippendorff_alpha_counts`, `percent_agreement_counts`; the
+label-list functions build those tables and call them, so both ways give the same figures.
 """
 
 from __future__ import annotations
@@ -61,16 +65,36 @@ def cohen_kappa(a: Sequence[Hashable | None], b: Sequence[Hashable | None]) -> f
         raise ValueError(f"the two raters label different numbers of items ({len(a)} and {len(b)})")
     pairs = [(x, y) for x, y in zip(a, b, strict=True) if not _missing(x) and not _missing(y)]
     cats = _categories(v for p in pairs for v in p)
-    if not pairs or len(cats) < 2:
-        return math.nan
     col = {c: j for j, c in enumerate(cats)}
     table = np.zeros((len(cats), len(cats)))
     for x, y in pairs:
         table[col[x], col[y]] += 1
-    n = table.sum()
-    p_o = np.trace(table) / n
-    p_e = float((table.sum(1) / n) @ (table.sum(0) / n))
+    return cohen_kappa_table(table)
+
+
+def cohen_kappa_table(table: Any) -> float:
+    """Cohen's kappa from a categories x categories confusion table of two raters (rows: the first rater's
+    label, columns: the second's, on the items both labelled), for callers that count in a database.
+    nan with no items or one category in use."""
+    counts = _counts(table)
+    if counts.shape[0] != counts.shape[1]:
+        raise ValueError(f"the confusion table must be square, got shape {counts.shape}")
+    n = counts.sum()
+    if n == 0 or np.count_nonzero(counts.sum(0) + counts.sum(1)) < 2:
+        return math.nan
+    p_o = np.trace(counts) / n
+    p_e = float((counts.sum(1) / n) @ (counts.sum(0) / n))
     return float((p_o - p_e) / (1 - p_e))
+
+
+def _counts(table: Any) -> np.ndarray:
+    """A 2-D float64 table of finite, non-negative counts (ValueError otherwise)."""
+    counts = np.asarray(table, dtype=np.float64)
+    if counts.ndim != 2:
+        raise ValueError(f"the count table must be 2-D, got shape {counts.shape}")
+    if counts.size and (not np.isfinite(counts).all() or (counts < 0).any()):
+        raise ValueError("counts must be finite and non-negative")
+    return counts
 
 
 def fleiss_kappa(table: Any = None, *, labels: Iterable[Sequence[Hashable | None]] | None = None) -> float:
@@ -79,12 +103,7 @@ def fleiss_kappa(table: Any = None, *, labels: Iterable[Sequence[Hashable | None
     nan with no items or one category in use."""
     if (table is None) == (labels is None):
         raise ValueError("give exactly one of a count table or labels=")
-    counts = count_table(labels)[0] if labels is not None else np.asarray(table, dtype=np.float64)
-    counts = np.asarray(counts, dtype=np.float64)
-    if counts.ndim != 2:
-        raise ValueError(f"the count table must be 2-D (items x categories), got shape {counts.shape}")
-    if counts.size and (not np.isfinite(counts).all() or (counts < 0).any()):
-        raise ValueError("counts must be finite and non-negative")
+    counts = _counts(count_table(labels)[0] if labels is not None else table)
     if counts.shape[0] == 0:
         return math.nan
     per_item = counts.sum(1)
@@ -121,10 +140,20 @@ def _delta2(values: list[Any], marginals: np.ndarray, level: str) -> np.ndarray:
 def krippendorff_alpha(data: Iterable[Sequence[Hashable | None]], level: Level = "nominal") -> float:
     """Krippendorff's alpha, 1 - D_o / D_e, from items x raters (None or NaN = missing). Only items with at
     least two ratings are pairable. nan with fewer than two pairable values or one value in use."""
+    counts, values = count_table(data)  # (U, V)
+    return krippendorff_alpha_counts(counts, values, level)
+
+
+def krippendorff_alpha_counts(table: Any, values: Sequence[Hashable], level: Level = "nominal") -> float:
+    """Krippendorff's alpha from a units x values count table (how many raters gave each value to each
+    unit, columns in the order of `values`, sorted for ordinal and interval data), for callers that count
+    in a database; units with fewer than two ratings are left out, as in `krippendorff_alpha`."""
     if level not in ("nominal", "ordinal", "interval"):
         raise ValueError(f"level must be 'nominal', 'ordinal' or 'interval', got {level!r}")
-    counts, values = count_table(data)  # (U, V)
-    counts = counts[counts.sum(1) >= 2].astype(np.float64)
+    counts = _counts(table)
+    if counts.shape[1] != len(values):
+        raise ValueError(f"the count table has {counts.shape[1]} columns for {len(values)} values")
+    counts = counts[counts.sum(1) >= 2]
     present = counts.sum(0) > 0
     counts, values = counts[:, present], [v for v, keep in zip(values, present, strict=True) if keep]
     if len(values) < 2:
@@ -142,7 +171,12 @@ def krippendorff_alpha(data: Iterable[Sequence[Hashable | None]], level: Level =
 def percent_agreement(data: Iterable[Sequence[Hashable | None]]) -> float:
     """Share of agreeing rater pairs per item, averaged over items with at least two ratings (a fraction in
     [0, 1]; for two raters, the share of shared items where they agree). nan when no item has two."""
-    table = count_table(data)[0].astype(np.float64)  # (U, V)
+    return percent_agreement_counts(count_table(data)[0])
+
+
+def percent_agreement_counts(table: Any) -> float:
+    """`percent_agreement` from an items x categories count table (see `count_table`)."""
+    table = _counts(table)  # (U, V)
     n = table.sum(1)
     keep = n >= 2
     if not keep.any():

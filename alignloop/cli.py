@@ -13,9 +13,12 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alignloop.config import ConfigError, GenConfig, describe, load_config
+
+if TYPE_CHECKING:
+    from alignloop.feedback.conversations import Endpoint
 
 log = logging.getLogger("alignloop")
 
@@ -230,6 +233,21 @@ def build_app_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("project")
             p.add_argument("username")
+    p = sub.add_parser("model", help="Show a chat project's model, or set it with --url (any OpenAI-compatible "
+                                     "server; options left out take their defaults, the API key is kept).")
+    p.add_argument("project", help="project name")
+    p.add_argument("--url", help="base URL, e.g. http://gpu-box:8001/v1 (a non-public host must also be in "
+                                 "ALIGNLOOP_APP_MODEL_HOSTS to be called)")
+    p.add_argument("--model", help="the model name the server serves (required with --url)")
+    p.add_argument("--drafts", type=int, help="drafts per turn, 1-9 (default 2)")
+    p.add_argument("--temperature", type=float, help="default: the server's")
+    p.add_argument("--top-p", type=float, help="default: the server's")
+    p.add_argument("--max-tokens", type=int, help="default: the server's")
+    p.add_argument("--timeout", type=float, help="seconds one request for drafts may take (default 60)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key-env", metavar="VAR",
+                     help="set the API key from this environment variable (never given on the command line)")
+    key.add_argument("--clear-api-key", action="store_true", help="remove the stored API key")
     p = sub.add_parser("import", help="Import items (JSON Lines) into a project; all or nothing.")
     p.add_argument("project", help="project name")
     p.add_argument("file", type=Path)
@@ -239,6 +257,18 @@ def build_app_parser() -> argparse.ArgumentParser:
                                       "ratings", "annotator-ratings", "edits", "conversations"],
                    help="default: the task's consensus kind (pairs, rankings, ratings; edits for edit projects)")
     p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("backup", help="Copy the whole database to OUT while it serves, checked before it is kept "
+                                      "(SQLite: a .db file, restore by copying it back; PostgreSQL: pg_dump's custom "
+                                      "format, restore with pg_restore). Does not migrate.")
+    p.add_argument("out", type=Path, help="a new file")
+    p = sub.add_parser("dump", help="Write a project whole (settings, items, assignments, every label, chat "
+                                    "turns) as JSON Lines for `app load`: it moves projects between databases, "
+                                    "and dump -> load -> dump gives the same bytes.")
+    p.add_argument("project", help="project name")
+    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("load", help="Recreate a project from `app dump` output, all or nothing (its name must be "
+                                    "free and its users must exist: `app user add`).")
+    p.add_argument("file", type=Path)
     return parser
 
 
@@ -253,6 +283,27 @@ def _read_password(from_stdin: bool) -> str:
     return first
 
 
+def _chat_model(args: argparse.Namespace) -> Endpoint | None:
+    """The conversations.Endpoint that `app model --url ...` sets (options left out: its defaults), or
+    None to show the current one; ValueError for a missing or contradictory option."""
+    from alignloop.feedback.conversations import Endpoint
+
+    options = {"n_drafts": args.drafts, "temperature": args.temperature, "top_p": args.top_p,
+               "max_tokens": args.max_tokens, "timeout_s": args.timeout}
+    if args.url is None:
+        if args.model or args.api_key_env or args.clear_api_key or any(v is not None for v in options.values()):
+            raise ValueError("give --url to set the model (without options: show it)")
+        return None
+    if not args.model:
+        raise ValueError("--model is required with --url")
+    key = None
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env, "")
+        if not key:
+            raise ValueError(f"--api-key-env: {args.api_key_env} is not set")
+    return Endpoint(args.url, args.model, key, **{k: v for k, v in options.items() if v is not None})
+
+
 def cmd_app(argv: list[str]) -> int:
     """Run one `alignloop app` command; expected failures print one line and return 2."""
     args = build_app_parser().parse_args(argv)
@@ -260,6 +311,7 @@ def cmd_app(argv: list[str]) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from alignloop.data import DataError
     from alignloop.feedback import commands
+    from alignloop.feedback.backup import BackupError
     from alignloop.feedback.services import Conflict, Invalid, NotFound
     from alignloop.feedback.settings import Settings, SettingsError
 
@@ -283,12 +335,23 @@ def cmd_app(argv: list[str]) -> int:
         elif command == "member":
             commands.add_member(settings, args.project, args.username)
             print(f"{args.username} may now label {args.project!r}")
+        elif command == "model":
+            model = _chat_model(args)
+            keep_key = not (args.api_key_env or args.clear_api_key)
+            print(json.dumps(commands.show_model(settings, args.project) if model is None
+                             else commands.set_model(settings, args.project, model, keep_key)))
         elif command == "import":
             print(f"imported {commands.import_items(settings, args.project, args.file)} items into {args.project!r}")
         elif command == "export":
             report = commands.export_labels(settings, args.project, args.kind, args.out)
             print(json.dumps({"out": str(args.out), **report}))
-    except (SettingsError, DataError, NotFound, Conflict, Invalid, ValueError, OSError) as err:
+        elif command == "backup":
+            print(json.dumps(commands.backup_database(settings, args.out)))
+        elif command == "dump":
+            print(json.dumps(commands.dump_project(settings, args.project, args.out)))
+        elif command == "load":
+            print(json.dumps(commands.load_project(settings, args.file)))
+    except (SettingsError, DataError, NotFound, Conflict, Invalid, BackupError, ValueError, OSError) as err:
         print(f"alignloop app {command}: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     return 0

@@ -5,37 +5,26 @@ prompt and settings; every bad request must be an OpenAI-style 4xx, never a 500.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from tiny_chat_model import build_tiny_chat_model, serve_process
 
 from alignloop import serve
-from alignloop.config import GenConfig, TinyModelConfig
+from alignloop.config import GenConfig
 from alignloop.generation import decode_responses, generate
-from alignloop.models import save_pretrained, tiny_model, train_tokenizer
 from alignloop.tokenization import encode_prompt
 
-# Untied head: a fresh tied model's argmax just repeats its last input token.
-TINY = TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
-                       max_position_embeddings=128, tie_word_embeddings=False)
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the quick brown fox"}]
 URL = "/v1/chat/completions"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    words = "the quick brown fox jumps over a lazy dog while seven red birds sing about data and models".split()
-    texts = [" ".join(words[(i * k) % len(words)] for k in range(1, 4 + i % 9)) + f" {i}" for i in range(300)]
-    tokenizer = train_tokenizer(texts, vocab_size=300)
-    return save_pretrained(tiny_model(TINY, tokenizer, seed=0), tokenizer, tmp_path_factory.mktemp("serve") / "final")
+    return build_tiny_chat_model(tmp_path_factory.mktemp("serve") / "final")
 
 
 @pytest.fixture(scope="module")
@@ -213,36 +202,13 @@ def test_an_api_key_is_required_when_set(served):
     assert keyed.get("/v1/models", headers={"Authorization": "Bearer sk-test-123"}).status_code == 200
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def test_the_serve_command_answers_over_http(model_dir, client):
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", serve.API_KEY_ENV: "sk-sub-456"}
-    cmd = [sys.executable, "-m", "alignloop.cli", "serve", str(model_dir), "--port", str(port),
-           "--model-name", "tiny", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer sk-sub-456"}
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(f"{base}/v1/models", headers=auth, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.3)
+def test_the_serve_command_answers_over_http(model_dir, client, tmp_path):
+    with serve_process(model_dir, "tiny", tmp_path / "serve.log", api_key="sk-sub-456") as server:
+        server.wait_ready()
+        base, auth = server.url.removesuffix("/v1"), {"Authorization": "Bearer sk-sub-456"}
         body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 16, "seed": 11, "n": 2}
         assert httpx.post(base + URL, json=body, timeout=30).status_code == 401
         answer = httpx.post(base + URL, json=body, headers=auth, timeout=30).json()
         assert texts(answer) == texts(chat(client, seed=11, n=2))  # same weights, same seed, another process
         bad = httpx.post(base + URL, json={**body, "n": 0}, headers=auth, timeout=30)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)

@@ -9,9 +9,9 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, Response
 
-from alignloop.feedback import conversations, exports, quality, records, schemas, services
+from alignloop.feedback import audit, conversations, exports, quality, records, schemas, services
 from alignloop.feedback.auth import Principal, app_context, require
 
 router = APIRouter(prefix="/api/v1", tags=["api"],
@@ -22,7 +22,8 @@ Kind = Annotated[str | None, Query(pattern="^(" + "|".join(exports.ALL_KINDS) + 
 
 
 def _project_out(p: Any) -> schemas.ProjectOut:
-    return schemas.ProjectOut(id=p.id, name=p.name, guidelines=p.guidelines, overlap_k=p.overlap_k, task=p.task)
+    return schemas.ProjectOut(id=p.id, name=p.name, guidelines=p.guidelines, overlap_k=p.overlap_k, task=p.task,
+                              version=p.version)
 
 
 @router.get("/openapi.json", include_in_schema=False)
@@ -37,7 +38,8 @@ def list_projects(request: Request, me: Admin) -> list[schemas.ProjectOut]:
         return [_project_out(p) for p in services.projects_for(db, me.user_id, admin=True)]
 
 
-@router.post("/projects", status_code=201, responses={409: {"model": schemas.ErrorOut}})
+@router.post("/projects", status_code=201, responses={400: {"model": schemas.ErrorOut}, 404: {"model": schemas.ErrorOut},
+                                                     409: {"model": schemas.ErrorOut}})
 def create_project(request: Request, me: Admin, body: schemas.ProjectIn) -> schemas.ProjectOut:
     with app_context(request).database.write() as db:
         project = services.create_project(db, body.name, body.guidelines, body.overlap_k, body.task)
@@ -46,8 +48,22 @@ def create_project(request: Request, me: Admin, body: schemas.ProjectIn) -> sche
         return _project_out(project)
 
 
-@router.post("/projects/{project_id}/members", status_code=204, responses={404: {"model": schemas.ErrorOut}})
-def add_member(request: Request, project_id: int, me: Admin, body: schemas.MemberIn) -> Response:
+@router.patch("/projects/{project_id}", responses={400: {"model": schemas.ErrorOut}, 404: {"model": schemas.ErrorOut},
+                                                  409: {"model": schemas.ErrorOut}})
+def edit_project(request: Request, project_id: schemas.RowId, me: Admin, body: schemas.ProjectEditIn) -> schemas.ProjectOut:
+    """Change the name, guidelines or overlap k, from the `version` you read: 409 if someone changed the
+    project since (or the name is taken). Every attempt is kept in the audit log."""
+    changes = body.model_dump(exclude={"version"}, exclude_none=True)
+    with app_context(request).database.write() as db:
+        project, entry = audit.edit_project(db, project_id, me.user_id, me.username, body.version, changes)
+        out = _project_out(project)
+    audit.raise_if_refused(entry)
+    return out
+
+
+@router.post("/projects/{project_id}/members", status_code=204,
+             responses={400: {"model": schemas.ErrorOut}, 404: {"model": schemas.ErrorOut}})
+def add_member(request: Request, project_id: schemas.RowId, me: Admin, body: schemas.MemberIn) -> Response:
     with app_context(request).database.write() as db:
         services.add_member(db, services.admin_project(db, project_id), body.username)
     return Response(status_code=204)
@@ -55,7 +71,7 @@ def add_member(request: Request, project_id: int, me: Admin, body: schemas.Membe
 
 @router.post("/projects/{project_id}/items", status_code=201,
              responses={400: {"model": schemas.ErrorOut}, 404: {"model": schemas.ErrorOut}})
-def add_items(request: Request, project_id: int, me: Admin, body: schemas.ItemsIn) -> schemas.ItemsOut:
+def add_items(request: Request, project_id: schemas.RowId, me: Admin, body: schemas.ItemsIn) -> schemas.ItemsOut:
     """A batch of items, all or nothing: the first bad one gives 400 naming its 1-based `line` and `field`."""
     with app_context(request).database.read() as db:
         task = services.admin_project(db, project_id).task
@@ -73,7 +89,7 @@ def _model_out(model: conversations.Endpoint | None) -> schemas.ModelOut:
 
 
 @router.get("/projects/{project_id}/model", responses={400: {"model": schemas.ErrorOut}, 404: {"model": schemas.ErrorOut}})
-def get_model(request: Request, project_id: int, me: Admin) -> schemas.ModelOut:
+def get_model(request: Request, project_id: schemas.RowId, me: Admin) -> schemas.ModelOut:
     """A chat project's model (all null until set); the API key is never returned, only `api_key_set`."""
     with app_context(request).database.read() as db:
         project = services.admin_project(db, project_id)
@@ -82,7 +98,7 @@ def get_model(request: Request, project_id: int, me: Admin) -> schemas.ModelOut:
 
 
 @router.put("/projects/{project_id}/model", responses={400: {"model": schemas.ErrorOut}, 404: {"model": schemas.ErrorOut}})
-def set_model(request: Request, project_id: int, me: Admin, body: schemas.ModelIn) -> schemas.ModelOut:
+def set_model(request: Request, project_id: schemas.RowId, me: Admin, body: schemas.ModelIn) -> schemas.ModelOut:
     """Set a chat project's model. `api_key` left out keeps the stored one; null removes it."""
     settings = conversations.Endpoint(body.base_url, body.model, body.api_key, body.n_drafts, body.temperature,
                                       body.top_p, body.max_tokens, body.timeout_s)
@@ -94,7 +110,7 @@ def set_model(request: Request, project_id: int, me: Admin, body: schemas.ModelI
 
 @router.post("/projects/{project_id}/model/test",
              responses={400: {"model": schemas.ErrorOut}, 404: {"model": schemas.ErrorOut}, 502: {"model": schemas.ErrorOut}})
-def try_model(request: Request, project_id: int, me: Admin, body: schemas.ModelTestIn | None = None) -> schemas.ModelTestOut:
+def try_model(request: Request, project_id: schemas.RowId, me: Admin, body: schemas.ModelTestIn | None = None) -> schemas.ModelTestOut:
     """Ask the project's model for one draft now: 400 when it is not set or its host is not allowed
     (`ALIGNLOOP_APP_MODEL_HOSTS`), 502 when the server is down, slow or answers something else."""
     ctx = app_context(request)
@@ -111,20 +127,20 @@ def try_model(request: Request, project_id: int, me: Admin, body: schemas.ModelT
 
 
 @router.get("/projects/{project_id}/progress", responses={404: {"model": schemas.ErrorOut}})
-def progress(request: Request, project_id: int, me: Admin) -> schemas.Progress:
+def progress(request: Request, project_id: schemas.RowId, me: Admin) -> schemas.Progress:
     with app_context(request).database.read() as db:
-        return schemas.Progress(**services.project_progress(db, services.admin_project(db, project_id)))
+        return schemas.Progress(**quality.project_progress(db, services.admin_project(db, project_id)))
 
 
 @router.get("/projects/{project_id}/quality", responses={404: {"model": schemas.ErrorOut}})
-def project_quality(request: Request, project_id: int, me: Admin) -> schemas.QualityOut:
+def project_quality(request: Request, project_id: schemas.RowId, me: Admin) -> schemas.QualityOut:
     """The dashboard's figures: agreement (Cohen per pair, Fleiss, Krippendorff) and per-annotator quality."""
     with app_context(request).database.read() as db:
         return schemas.QualityOut(**quality.project_quality(db, services.admin_project(db, project_id)))
 
 
 @router.get("/projects/{project_id}/labels", responses={400: {"model": schemas.ErrorOut}, 404: {"model": schemas.ErrorOut}})
-def labels(request: Request, project_id: int, me: Admin, kind: Kind = None) -> schemas.LabelsOut:
+def labels(request: Request, project_id: schemas.RowId, me: Admin, kind: Kind = None) -> schemas.LabelsOut:
     """Labels as training records (default: every annotator's raw answers), with a report of what each
     conversion left out."""
     with app_context(request).database.read() as db:
@@ -134,9 +150,10 @@ def labels(request: Request, project_id: int, me: Admin, kind: Kind = None) -> s
     return schemas.LabelsOut(kind=kind, records=out, report=report)
 
 
-@router.get("/projects/{project_id}/export.jsonl", response_class=PlainTextResponse,
-            responses={400: {"model": schemas.ErrorOut}, 404: {"model": schemas.ErrorOut}})
-def export(request: Request, project_id: int, me: Admin, kind: Kind = None) -> Response:
+@router.get("/projects/{project_id}/export.jsonl", response_class=Response, responses={
+    200: {"description": "One training record per line", "content": {"application/x-ndjson": {"schema": {"type": "string"}}}},
+    400: {"model": schemas.ErrorOut}, 404: {"model": schemas.ErrorOut}})
+def export(request: Request, project_id: schemas.RowId, me: Admin, kind: Kind = None) -> Response:
     """The same records as a JSON Lines download (default: the task's consensus kind), ready for
     `alignloop reward --data.train_path` and the other trainers' loaders."""
     with app_context(request).database.read() as db:

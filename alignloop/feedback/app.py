@@ -29,7 +29,7 @@ from alignloop.data import DataError
 from alignloop.feedback import api, pages, security
 from alignloop.feedback.auth import AppContext, LoginRequired
 from alignloop.feedback.chat import ChatError, HostRefused
-from alignloop.feedback.db import Database
+from alignloop.feedback.db import Database, UnstorableText
 from alignloop.feedback.services import Conflict, Invalid, NotFound
 from alignloop.feedback.settings import Settings
 
@@ -107,6 +107,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(NotFound, simple(404))
     app.add_exception_handler(Conflict, simple(409))
     app.add_exception_handler(Invalid, simple(400))
+    app.add_exception_handler(UnstorableText, simple(400))
     # The chat task's model server: refused by the allow-list is the setup's fault (400); down, slow or
     # answering nonsense is a bad gateway (502). Never a 500.
     app.add_exception_handler(HostRefused, simple(400))

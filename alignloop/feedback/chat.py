@@ -213,19 +213,37 @@ def _send(target: Target, body: dict[str, Any], headers: dict[str, str], timeout
     raise ChatError(f"cannot connect to the model server {target.url.host!r}: {last}")
 
 
+def _storable(text: str) -> str:
+    """Text with each NUL character replaced by U+FFFD: PostgreSQL cannot store NUL, and a small model's
+    byte-level tokens can decode to one. Done on both databases, so exports are the same."""
+    return text.replace("\x00", "\ufffd")
+
+
+def _text_or_none(value: Any) -> str | None:
+    """An optional field of the answer as storable text (a server may send a number, or nothing)."""
+    return _storable(str(value)) if value else None
+
+
+def _index(choice: Any) -> int:
+    """A choice's `index` for sorting (0 when missing or not a number, as a one-choice answer has)."""
+    index = choice.get("index") if isinstance(choice, dict) else None
+    return index if isinstance(index, int) else 0
+
+
 def _drafts(payload: dict[str, Any], model: str, n: int) -> list[Draft]:
-    """The answer's choices as drafts, in index order; ChatError when it is not a chat completion."""
+    """The answer's choices as drafts, in index order, as storable text; ChatError when it is not a chat
+    completion."""
     choices = payload.get("choices")
     if not isinstance(choices, list):
         raise ChatError("the model server's answer has no `choices` list")
     drafts = []
-    for choice in sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0):
-        content = choice.get("message", {}).get("content") if isinstance(choice, dict) else None
+    for choice in sorted(choices, key=_index):
+        message = choice.get("message") if isinstance(choice, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(content, str):
             raise ChatError("a choice in the model server's answer has no text content")
-        drafts.append(Draft(content, str(payload.get("model") or model),
-                            str(payload["system_fingerprint"]) if payload.get("system_fingerprint") else None,
-                            choice.get("finish_reason")))
+        drafts.append(Draft(_storable(content), _text_or_none(payload.get("model")) or model,
+                            _text_or_none(payload.get("system_fingerprint")), _text_or_none(choice.get("finish_reason"))))
     if len(drafts) != n:
         raise ChatError(f"asked for {n} drafts and the model server gave {len(drafts)} (does it support n > 1?)")
     return drafts

@@ -1,7 +1,8 @@
 """What `alignloop app ...` does, as functions of the settings (the CLI parses, calls, prints).
 
 Every command but `serve` works on the database alone (no secret needed) and migrates it to the newest
-schema first, so `alignloop app user add --admin` on an empty database is the whole setup.
+schema first, so `alignloop app user add --admin` on an empty database is the whole setup; `backup` does not
+(a backup is what you take before an upgrade).
 """
 
 from __future__ import annotations
@@ -10,8 +11,19 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from alignloop.feedback import auth, exports, migrations, records, security, services
+from alignloop.feedback import (
+    archive,
+    auth,
+    backup,
+    conversations,
+    exports,
+    migrations,
+    records,
+    security,
+    services,
+)
 from alignloop.feedback.db import Database
 from alignloop.feedback.settings import Settings
 
@@ -81,6 +93,24 @@ def add_member(settings: Settings, project: str, username: str) -> None:
         services.add_member(db, services.project_by_name(db, project), username)
 
 
+def show_model(settings: Settings, project: str) -> dict[str, Any]:
+    """A chat project's model as the API shows it (never the API key, only `api_key_set`); base_url None
+    when none is set."""
+    with _opened(settings) as database, database.read() as db:
+        row = services.project_by_name(db, project)
+        services._check_task(row, "chat")
+        model = conversations.endpoint(db, row)
+    return {"project": project, **(model.public() if model else {"base_url": None})}
+
+
+def set_model(settings: Settings, project: str, model: conversations.Endpoint, keep_key: bool) -> dict[str, Any]:
+    """Set a chat project's model through the API's own service (conversations.set_endpoint: the same
+    checks); keep_key leaves a stored API key as it is. Returns what show_model would."""
+    with _opened(settings) as database, database.write() as db:
+        stored = conversations.set_endpoint(db, services.project_by_name(db, project), model, keep_key=keep_key)
+    return {"project": project, **stored.public()}
+
+
 def import_items(settings: Settings, project: str, path: Path) -> int:
     """Import a JSON Lines file into a project, all or nothing (DataError names line and field)."""
     with _opened(settings) as database:
@@ -98,7 +128,32 @@ def export_labels(settings: Settings, project: str, kind: str | None, out: Path)
         row = services.project_by_name(db, project)
         kind = exports.resolve_kind(row.task, kind)
         recs, report = exports.export(db, row, kind)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(records.jsonl(recs), encoding="utf-8")
-    tmp.replace(out)
+    _write_whole(out, records.jsonl(recs))
     return {"kind": kind} | {k: v for k, v in vars(report).items() if v} | {"kept": report.kept}
+
+
+def _write_whole(out: Path, text: str) -> None:
+    """Write `text` to a temporary name, then rename it into place: `out` is whole or absent."""
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+
+
+def backup_database(settings: Settings, out: Path) -> dict[str, Any]:
+    """A checked copy of the whole database, taken while it serves (backup.py); the schema is left as it is."""
+    with _opened(settings, migrate=False) as database:
+        return backup.backup(database, out)
+
+
+def dump_project(settings: Settings, project: str, out: Path) -> dict[str, Any]:
+    """Write a project's dump (archive.py) to `out`; returns its size in lines and bytes."""
+    with _opened(settings) as database:
+        text = archive.dump(database, project)
+    _write_whole(out, text)
+    return {"out": str(out), "lines": text.count("\n"), "bytes": len(text.encode("utf-8"))}
+
+
+def load_project(settings: Settings, path: Path) -> dict[str, Any]:
+    """Recreate a dumped project in this database (archive.py), all or nothing."""
+    with _opened(settings) as database:
+        return archive.load(database, path.read_text(encoding="utf-8"), str(path))

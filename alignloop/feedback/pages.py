@@ -14,9 +14,21 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from alignloop.feedback import auth, chat, conversations, exports, quality, records, security, services, tasks
+from alignloop.feedback import (
+    audit,
+    auth,
+    chat,
+    conversations,
+    exports,
+    quality,
+    records,
+    security,
+    services,
+    tasks,
+)
 from alignloop.feedback.auth import LOGIN_COOKIE, Principal, app_context, require, require_login_form
 from alignloop.feedback.db import TASKS
+from alignloop.feedback.schemas import RowId
 
 router = APIRouter(include_in_schema=False)
 FLAG_KEYS = (("unsafe", "x", "Unsafe"), ("made_up_facts", "m", "Made-up facts"), ("off_topic", "t", "Off topic"))
@@ -141,21 +153,35 @@ def admin_create_token(request: Request, me: Admin, name: Annotated[str, Form(ma
 
 
 @router.get("/admin/projects/{project_id}", response_class=HTMLResponse)
-def admin_project(request: Request, project_id: int, me: Admin) -> Response:
+def admin_project(request: Request, project_id: RowId, me: Admin) -> Response:
     with app_context(request).database.read() as db:
         project = services.admin_project(db, project_id)
-        progress = services.project_progress(db, project)
+        progress = quality.project_progress(db, project)
         team = services.members(db, project)
         chat_model = conversations.endpoint(db, project) if project.task == "chat" else None
         chat_counts = conversations.counts(db, project) if project.task == "chat" else None
-    return render(request, "project.html", me, project=project, progress=progress, members=team,
+        edits = audit.history(db, "project", project.id, limit=20)
+    return render(request, "project.html", me, project=project, progress=progress, members=team, edits=edits,
                   export_kinds=exports.EXPORT_KINDS[project.task], loads_as=exports.LOADS_AS,
                   chat_model=chat_model.public() if chat_model else None, chat_counts=chat_counts,
                   model_hosts=app_context(request).settings.model_hosts)
 
 
+@router.post("/admin/projects/{project_id}/settings")
+def admin_edit_project(request: Request, project_id: RowId, me: Admin, version: Annotated[int, Form(ge=1)],
+                       name: Annotated[str, Form(max_length=200)], guidelines: Annotated[str, Form(max_length=100_000)],
+                       overlap_k: Annotated[int, Form(ge=1, le=100)]) -> Response:
+    """The settings form, sent with the version the page showed: 409 (the page says why) if another admin
+    changed the project since. Every attempt is kept in the audit log shown on the project page."""
+    changes = {"name": name, "guidelines": guidelines.replace("\r\n", "\n"), "overlap_k": overlap_k}
+    with app_context(request).database.write() as db:
+        _, entry = audit.edit_project(db, project_id, me.user_id, me.username, version, changes)
+    audit.raise_if_refused(entry)
+    return see_other(f"/admin/projects/{project_id}")
+
+
 @router.get("/admin/projects/{project_id}/dashboard", response_class=HTMLResponse)
-def admin_dashboard(request: Request, project_id: int, me: Admin) -> Response:
+def admin_dashboard(request: Request, project_id: RowId, me: Admin) -> Response:
     """Agreement and per-annotator quality, computed from the labels at each request, with bar charts."""
     with app_context(request).database.read() as db:
         project = services.admin_project(db, project_id)
@@ -164,7 +190,7 @@ def admin_dashboard(request: Request, project_id: int, me: Admin) -> Response:
 
 
 @router.post("/admin/projects/{project_id}/model")
-def admin_set_model(request: Request, project_id: int, me: Admin, base_url: Annotated[str, Form(max_length=2000)],
+def admin_set_model(request: Request, project_id: RowId, me: Admin, base_url: Annotated[str, Form(max_length=2000)],
                     model: Annotated[str, Form(max_length=200)], n_drafts: Annotated[int, Form()] = 2,
                     api_key: Annotated[str, Form(max_length=4096)] = "", clear_api_key: Annotated[bool, Form()] = False,
                     temperature: Annotated[str, Form(max_length=20)] = "", top_p: Annotated[str, Form(max_length=20)] = "",
@@ -195,7 +221,7 @@ def _int(text: str, name: str) -> int | None:
 
 
 @router.post("/admin/projects/{project_id}/model/test", response_class=HTMLResponse)
-def admin_test_model(request: Request, project_id: int, me: Admin) -> Response:
+def admin_test_model(request: Request, project_id: RowId, me: Admin) -> Response:
     """Ask the project's model for one draft now: the answer, or why there is none (400 or 502)."""
     ctx = app_context(request)
     with ctx.database.read() as db:
@@ -211,14 +237,14 @@ def admin_test_model(request: Request, project_id: int, me: Admin) -> Response:
 
 
 @router.post("/admin/projects/{project_id}/members")
-def admin_add_member(request: Request, project_id: int, me: Admin, username: Annotated[str, Form(max_length=64)]) -> Response:
+def admin_add_member(request: Request, project_id: RowId, me: Admin, username: Annotated[str, Form(max_length=64)]) -> Response:
     with app_context(request).database.write() as db:
         services.add_member(db, services.admin_project(db, project_id), username)
     return see_other(f"/admin/projects/{project_id}")
 
 
 @router.post("/admin/projects/{project_id}/items")
-async def admin_import(request: Request, project_id: int, me: Admin, file: Annotated[UploadFile, File()]) -> Response:
+async def admin_import(request: Request, project_id: RowId, me: Admin, file: Annotated[UploadFile, File()]) -> Response:
     """JSON Lines upload; all-or-nothing (DataError names the line and field, 400)."""
     ctx = app_context(request)
     data = await file.read(ctx.settings.max_upload_bytes + 1)
@@ -246,7 +272,7 @@ def annotate_home(request: Request, me: Anyone) -> Response:
 
 
 @router.get("/annotate/{project_id}", response_class=HTMLResponse)
-def annotate(request: Request, project_id: int, me: Anyone) -> Response:
+def annotate(request: Request, project_id: RowId, me: Anyone) -> Response:
     """The next item (assigned now if the user has none open), with progress and the undo button."""
     return _annotate_page(request, project_id, me)
 
@@ -268,7 +294,7 @@ def _annotate_page(request: Request, project_id: int, me: Principal, status: int
 
 
 @router.post("/annotate/{project_id}/label")
-def annotate_label(request: Request, project_id: int, me: Anyone, assignment_id: Annotated[int, Form()],
+def annotate_label(request: Request, project_id: RowId, me: Anyone, assignment_id: Annotated[RowId, Form()],
                    vote: Annotated[str, Form(max_length=40)], idempotency_key: Annotated[str, Form(max_length=64)],
                    time_spent_ms: Annotated[int | None, Form()] = None) -> Response:
     """`vote` is "left:<strength>", "right:<strength>", "tie" or "both_bad" (one button each)."""
@@ -290,7 +316,7 @@ def _answer(request: Request, project_id: int, me: Principal, task: str, assignm
 
 
 @router.post("/annotate/{project_id}/rank")
-def annotate_rank(request: Request, project_id: int, me: Anyone, assignment_id: Annotated[int, Form()],
+def annotate_rank(request: Request, project_id: RowId, me: Anyone, assignment_id: Annotated[RowId, Form()],
                   ranking: Annotated[str, Form(max_length=100)], idempotency_key: Annotated[str, Form(max_length=64)],
                   time_spent_ms: Annotated[int | None, Form()] = None) -> Response:
     """`ranking`: the numbers of the responses as shown, best first ("2,1,3")."""
@@ -299,7 +325,7 @@ def annotate_rank(request: Request, project_id: int, me: Anyone, assignment_id: 
 
 
 @router.post("/annotate/{project_id}/rate")
-def annotate_rate(request: Request, project_id: int, me: Anyone, assignment_id: Annotated[int, Form()],
+def annotate_rate(request: Request, project_id: RowId, me: Anyone, assignment_id: Annotated[RowId, Form()],
                   idempotency_key: Annotated[str, Form(max_length=64)],
                   helpful: Annotated[int | None, Form()] = None, honest: Annotated[int | None, Form()] = None,
                   harmless: Annotated[int | None, Form()] = None, flags: Annotated[list[str] | None, Form()] = None,
@@ -310,7 +336,7 @@ def annotate_rate(request: Request, project_id: int, me: Anyone, assignment_id: 
 
 
 @router.post("/annotate/{project_id}/edit")
-def annotate_edit(request: Request, project_id: int, me: Anyone, assignment_id: Annotated[int, Form()],
+def annotate_edit(request: Request, project_id: RowId, me: Anyone, assignment_id: Annotated[RowId, Form()],
                   edited: Annotated[str, Form(max_length=2 * tasks.MAX_EDIT_CHARS)],
                   idempotency_key: Annotated[str, Form(max_length=64)],
                   time_spent_ms: Annotated[int | None, Form()] = None) -> Response:
@@ -319,7 +345,7 @@ def annotate_edit(request: Request, project_id: int, me: Anyone, assignment_id: 
 
 
 @router.post("/annotate/{project_id}/skip")
-def annotate_skip(request: Request, project_id: int, me: Anyone, assignment_id: Annotated[int, Form()],
+def annotate_skip(request: Request, project_id: RowId, me: Anyone, assignment_id: Annotated[RowId, Form()],
                   reason: Annotated[str, Form(max_length=1000)], idempotency_key: Annotated[str, Form(max_length=64)],
                   time_spent_ms: Annotated[int | None, Form()] = None) -> Response:
     with app_context(request).database.write() as db:
@@ -329,7 +355,7 @@ def annotate_skip(request: Request, project_id: int, me: Anyone, assignment_id: 
 
 
 @router.post("/annotate/{project_id}/undo")
-def annotate_undo(request: Request, project_id: int, me: Anyone) -> Response:
+def annotate_undo(request: Request, project_id: RowId, me: Anyone) -> Response:
     """Withdraw the last answer (chat: the open conversation's last pick, else the last finished one)."""
     with app_context(request).database.write() as db:
         project = services.member_project(db, me.user_id, project_id)
@@ -357,8 +383,8 @@ def _chat_drafts(request: Request, project_id: int, me: Principal, assignment_id
 
 
 @router.post("/annotate/{project_id}/chat/send")
-def chat_send(request: Request, project_id: int, me: Anyone, idempotency_key: Annotated[str, Form(max_length=64)],
-              assignment_id: Annotated[int | None, Form()] = None,
+def chat_send(request: Request, project_id: RowId, me: Anyone, idempotency_key: Annotated[str, Form(max_length=64)],
+              assignment_id: Annotated[RowId | None, Form()] = None,
               message: Annotated[str | None, Form(max_length=2 * conversations.MAX_MESSAGE_CHARS)] = None) -> Response:
     """Ask the model for drafts: a typed message starts a conversation (no assignment) or continues one
     after a pick; no message asks for the first answer to an imported prompt."""
@@ -366,15 +392,15 @@ def chat_send(request: Request, project_id: int, me: Anyone, idempotency_key: An
 
 
 @router.post("/annotate/{project_id}/chat/regenerate")
-def chat_regenerate(request: Request, project_id: int, me: Anyone, assignment_id: Annotated[int, Form()],
+def chat_regenerate(request: Request, project_id: RowId, me: Anyone, assignment_id: Annotated[RowId, Form()],
                     idempotency_key: Annotated[str, Form(max_length=64)]) -> Response:
     """New drafts for the open turn; the ones shown now are kept, as worse than the eventual pick."""
     return _chat_drafts(request, project_id, me, assignment_id, None, idempotency_key, regenerate=True)
 
 
 @router.post("/annotate/{project_id}/chat/pick")
-def chat_pick(request: Request, project_id: int, me: Anyone, assignment_id: Annotated[int, Form()],
-              draft_id: Annotated[int, Form()], idempotency_key: Annotated[str, Form(max_length=64)],
+def chat_pick(request: Request, project_id: RowId, me: Anyone, assignment_id: Annotated[RowId, Form()],
+              draft_id: Annotated[RowId, Form()], idempotency_key: Annotated[str, Form(max_length=64)],
               time_spent_ms: Annotated[int | None, Form()] = None) -> Response:
     with app_context(request).database.write() as db:
         project = services.member_project(db, me.user_id, project_id)
@@ -383,7 +409,7 @@ def chat_pick(request: Request, project_id: int, me: Anyone, assignment_id: Anno
 
 
 @router.post("/annotate/{project_id}/chat/thumb")
-def chat_thumb(request: Request, project_id: int, me: Anyone, assignment_id: Annotated[int, Form()],
+def chat_thumb(request: Request, project_id: RowId, me: Anyone, assignment_id: Annotated[RowId, Form()],
                thumb: Annotated[str, Form(pattern="^(up|down)$")], turn: Annotated[int | None, Form()] = None) -> Response:
     """Thumb up or down on a picked answer (default: the latest); giving it again replaces it."""
     with app_context(request).database.write() as db:
@@ -393,7 +419,7 @@ def chat_thumb(request: Request, project_id: int, me: Anyone, assignment_id: Ann
 
 
 @router.post("/annotate/{project_id}/chat/finish")
-def chat_finish(request: Request, project_id: int, me: Anyone, assignment_id: Annotated[int, Form()],
+def chat_finish(request: Request, project_id: RowId, me: Anyone, assignment_id: Annotated[RowId, Form()],
                 idempotency_key: Annotated[str, Form(max_length=64)],
                 time_spent_ms: Annotated[int | None, Form()] = None) -> Response:
     """End the conversation (every turn picked); the next prompt comes up."""

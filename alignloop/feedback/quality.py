@@ -13,10 +13,15 @@ in the exported consensus), agreement with gold (share of their units on gold it
 answer's), the median time per answer, and the position-bias rate: pairwise, the share of decisive
 votes (not tie or both bad) for the answer shown on the left (chance 0.5); rank, the share of rankings
 that put first the response shown first (chance 1/K). Undefined figures are None (JSON has no NaN).
+
+`compute` is the definition, over a list of answers; `project_quality` (the dashboard) and
+`project_progress` (the project page) get the same figures from counts the database and numpy make, without
+loading the labels (tests hold the two equal on random projects of every task).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import Counter, defaultdict
@@ -24,12 +29,21 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from alignloop.agreement import fleiss_kappa, krippendorff_alpha, pairwise_cohen, percent_agreement
+from alignloop.agreement import (
+    cohen_kappa_table,
+    fleiss_kappa,
+    krippendorff_alpha,
+    krippendorff_alpha_counts,
+    pairwise_cohen,
+    percent_agreement,
+    percent_agreement_counts,
+)
 from alignloop.feedback import services, tasks
-from alignloop.feedback.db import Item, Project
+from alignloop.feedback.db import Item, Label, Project, User
 from alignloop.preferences import majority_vote
 
 UnitKey = tuple[str, tuple[Any, ...]]
@@ -50,17 +64,6 @@ class Answer:
 
 def _num(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
-
-
-def project_quality(db: Session, project: Project) -> dict[str, Any]:
-    """The dashboard's figures for a project, from its active answers and its gold items."""
-    answers = [Answer(item.external_id, username, services.answer_of(label), label.time_spent_ms,
-                      label.displayed_choice, tuple(label.presented_order))
-               for label, item, username in services.active_labels(db, project)]
-    gold: dict[str, dict[str, Any]] = {
-        item_id: answer for item_id, answer in db.execute(sa.select(Item.external_id, Item.gold).where(
-            Item.project_id == project.id, Item.gold.is_not(None))) if answer is not None}
-    return {"project": project.name, **compute(project.task, answers, gold)}
 
 
 def compute(task: str, answers: list[Answer], gold: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -140,6 +143,320 @@ def _position_chance(task: str, answers: list[Answer]) -> float | None:
     if task == "rank" and answers:
         return statistics.fmean(1 / len(a.presented_order) for a in answers if a.presented_order)
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The same figures from the database, for pages that must answer in well under 100 ms at 50,000 labels
+# (benchmarks/feedback_pages.py). Per annotator (answers, position votes, the middle of their times) the
+# database counts with GROUP BY on the partial index of active answers (0005). The units, one entry per
+# annotator and unit, come back as one string "unit,who,unit,who,..." rather than one row each: the driver
+# and SQLAlchemy spend about 1 us a row. numpy then counts per unit (the count table of Fleiss' kappa,
+# Krippendorff's alpha and the consensus) and per pair of annotators (confusion tables, pairing the
+# entries of each unit); in SQL, the self-join that pairs them took 50-80 ms on SQLite and the consensus
+# per annotator as much again. alignloop.agreement's count-table functions do the math.
+
+CATEGORIES: dict[str, tuple[Hashable, ...]] = {"pairwise": ("a", "b", "both_bad", "tie"), "rank": (False, True),
+                                               "rate": tasks.RATE_SCALE, "edit": (False, True), "chat": ()}
+"""The values a unit of each task can take, sorted as `count_table` sorts them; the SQL gives their index."""
+UNIT_BITS, VALUE_BITS = 8, 3
+"""A unit travels as item id << 8 | unit (units are < 256), an annotator's value as user id << 3 | index."""
+
+
+@dataclass(frozen=True)
+class Units:
+    """The units of a project's active answers: one entry per (unit, annotator), sorted by unit, then
+    annotator (an annotator gives a unit one value at most: one active label per item and person)."""
+
+    keys: np.ndarray  # (U,) item id << UNIT_BITS | unit, sorted
+    unit: np.ndarray  # (N,) index into keys
+    people: np.ndarray  # (A,) user ids, sorted
+    who: np.ndarray  # (N,) index into people
+    value: np.ndarray  # (N,) index into CATEGORIES[task]
+
+    def table(self, n_cats: int) -> np.ndarray:
+        """Units x categories: how many annotators gave each value to each unit (`count_table`'s layout)."""
+        counts = np.bincount(self.unit * n_cats + self.value, minlength=len(self.keys) * n_cats)
+        return counts.reshape(len(self.keys), n_cats)
+
+
+def project_quality(db: Session, project: Project) -> dict[str, Any]:
+    """The dashboard's figures for a project, counted from its active answers and gold items in the
+    database; they equal `compute`'s on the same answers (a test compares them on random projects)."""
+    task, n_cats = project.task, len(CATEGORIES[project.task])
+    per_person, lengths = _answer_counts(db, project)
+    names = dict(sorted(db.execute(sa.select(User.id, User.username).where(User.id.in_(per_person))).all(),
+                        key=lambda row: row[1]))
+    units = _units(db, project)
+    table = units.table(n_cats)
+    consensus, gold = _consensus(task, units, table), _gold_hits(db, project, units)
+    medians = _median_ms(db, project, {user_id: counts[3] for user_id, counts in per_person.items()})
+    people = []
+    for user_id, name in names.items():
+        answers, chose_first, votes, _ = per_person[user_id]
+        (agree, n_consensus), (right, n_gold) = consensus.get(user_id, (0, 0)), gold.get(user_id, (0, 0))
+        people.append({"annotator": name, "answers": answers, "consensus_agreement": _ratio(agree, n_consensus),
+                       "consensus_units": n_consensus, "gold_agreement": _ratio(right, n_gold), "gold_units": n_gold,
+                       "median_ms": medians.get(user_id), "position_bias": _ratio(chose_first, votes),
+                       "position_votes": votes})
+    place = {user_id: i for i, user_id in enumerate(names)}
+    pairs = {}
+    for (a, b), confusion in _confusions(units, n_cats).items():  # oriented as `names` orders the annotators
+        pairs[(names[a], names[b]) if place[a] < place[b] else (names[b], names[a])] = (
+            confusion if place[a] < place[b] else confusion.T)
+    answers, chose_first, votes, _ = (sum(c) for c in zip(*per_person.values(), strict=True)) if per_person else [0] * 4
+    gold_items = db.execute(sa.select(sa.func.count()).select_from(Item).where(
+        Item.project_id == project.id, Item.gold.is_not(None))).scalar_one()
+    return {"project": project.name, "task": task, "answers": answers, "gold_items": gold_items,
+            "agreement": agreement_from_counts(task, table, pairs, list(names.values())), "annotators": people,
+            "position_bias": _ratio(chose_first, votes), "position_chance": _chance(task, lengths, answers)}
+
+
+def project_progress(db: Session, project: Project) -> dict[str, Any]:
+    """Items, answers ("votes"), items with k answers, answers per annotator, skips, and inter-annotator
+    agreement (Krippendorff's alpha at the task's level and percent agreement, over tasks.units)."""
+    def count(query: sa.Select[Any]) -> int:
+        return int(db.execute(sa.select(sa.func.count()).select_from(query.subquery())).scalar_one())
+
+    active = (Label.project_id == project.id) & services.active_answers()
+    per_user = dict(db.execute(sa.select(Label.user_id, sa.func.count()).where(active).group_by(Label.user_id)).all())
+    per_annotator = {name: per_user[user_id] for user_id, name in
+                     db.execute(sa.select(User.id, User.username).where(User.id.in_(per_user))).all()}
+    cats, level = CATEGORIES[project.task], tasks.ALPHA_LEVEL[project.task]
+    table = _units(db, project).table(len(cats))
+    values = {"krippendorff_alpha": krippendorff_alpha_counts(table, cats, level),  # type: ignore[arg-type]
+              "percent_agreement": percent_agreement_counts(table)}
+    return {"project": project.name, "task": project.task,
+            "items": count(sa.select(Item.id).where(Item.project_id == project.id)), "overlap_k": project.overlap_k,
+            "votes": sum(per_annotator.values()),
+            "items_complete": count(sa.select(Label.item_id).where(active).group_by(Label.item_id)
+                                    .having(sa.func.count() >= project.overlap_k)),
+            "skips": count(sa.select(Label.id).where(Label.project_id == project.id, Label.undone_at.is_(None),
+                                                     Label.skip_reason.is_not(None))),
+            "votes_per_annotator": per_annotator, "agreement": {k: _num(v) for k, v in values.items()}}
+
+
+def agreement_from_counts(task: str, table: np.ndarray, pairs: dict[tuple[str, str], np.ndarray],
+                          annotators: list[str]) -> dict[str, Any]:
+    """`agreement` from counts: `table`, units x CATEGORIES[task] (how many annotators gave each value to
+    each unit); `pairs`, the confusion table of each annotator pair, named in `annotators`' order."""
+    cats, level = CATEGORIES[task], tasks.ALPHA_LEVEL[task]
+    per_unit = table.sum(1)
+    shared = table[per_unit >= 2]
+    sizes = Counter(per_unit[per_unit >= 2].tolist())
+    n = max(sizes, key=lambda c: (sizes[c], c)) if sizes else 0
+    fleiss_rows = table[per_unit == n] if n else shared
+    cohen = []
+    for a, b in itertools.combinations(annotators, 2):
+        confusion = pairs.get((a, b), np.zeros((len(cats), len(cats))))
+        cohen.append({"a": a, "b": b, "kappa": _num(cohen_kappa_table(confusion)),
+                      "shared_units": int(confusion.sum())})
+    return {"units": len(table), "units_shared": len(shared), "level": level,
+            "krippendorff_alpha": _num(krippendorff_alpha_counts(table, cats, level)),  # type: ignore[arg-type]
+            "percent_agreement": _num(percent_agreement_counts(shared)),
+            "fleiss_kappa": _num(fleiss_kappa(fleiss_rows)) if len(fleiss_rows) else None,
+            "fleiss_units": len(fleiss_rows), "fleiss_n": n, "cohen": cohen}
+
+
+def _ratio(hits: int, n: int) -> float | None:
+    return hits / n if n else None
+
+
+def _chance(task: str, lengths: Counter[int], answers: int) -> float | None:
+    """`_position_chance` from how many rank answers showed each number of responses."""
+    if task == "pairwise":
+        return 0.5
+    if task == "rank" and answers:
+        shown = (itertools.repeat(1 / k, n) for k, n in lengths.items() if k)
+        return statistics.fmean(itertools.chain.from_iterable(shown))
+    return None
+
+
+def _consensus(task: str, units: Units, table: np.ndarray) -> dict[int, tuple[int, int]]:
+    """Per annotator: (units where they gave the consensus, units with >= 2 labels and a majority value);
+    `majority_vote` decides once per distinct row of the count table."""
+    cats = CATEGORIES[task]
+    if not len(table):
+        return {}
+    profiles, inverse = _distinct_rows(table)
+    votes = [majority_vote(cats[i] for i, c in enumerate(p.tolist()) for _ in range(c)) if p.sum() >= 2 else None
+             for p in profiles]
+    majority = np.array([-1 if v is None else cats.index(v) for v in votes])[inverse][units.unit]  # (N,)
+    counted = np.bincount(units.who, weights=majority >= 0, minlength=len(units.people))
+    agreed = np.bincount(units.who, weights=(majority >= 0) & (units.value == majority), minlength=len(units.people))
+    return {int(u): (int(agreed[i]), int(counted[i])) for i, u in enumerate(units.people.tolist()) if counted[i]}
+
+
+def _distinct_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(table, axis=0, return_inverse=True), 20 times faster by reading each row as one number in
+    base max + 1 while that fits in 62 bits (it does unless thousands label one unit)."""
+    base = int(table.max(initial=0)) + 1
+    if base ** table.shape[1] >= 2 ** 62:
+        rows, inverse = np.unique(table, axis=0, return_inverse=True)
+        return rows, inverse.reshape(-1)
+    _, first, inverse = np.unique(table @ base ** np.arange(table.shape[1]), return_index=True, return_inverse=True)
+    return table[first], inverse.reshape(-1)
+
+
+def _confusions(units: Units, n_cats: int) -> dict[tuple[int, int], np.ndarray]:
+    """Per pair of annotators (lower user id first): the values x values table of the units both labelled.
+    Entries of one unit are adjacent and ordered by user, so entry i pairs with i + d while the unit holds."""
+    people, who = units.people, units.who
+    codes = []
+    for d in range(1, int(np.bincount(units.unit).max(initial=0))):
+        i = np.flatnonzero(units.unit[d:] == units.unit[:-d])
+        codes.append(((who[i] * len(people) + who[i + d]) * n_cats + units.value[i]) * n_cats + units.value[i + d])
+    out: dict[tuple[int, int], np.ndarray] = {}
+    if codes:
+        code, n = np.unique(np.concatenate(codes), return_counts=True)
+        pair, va, vb = code // (n_cats * n_cats), code // n_cats % n_cats, code % n_cats
+        for p, x, y, c in zip(pair.tolist(), va.tolist(), vb.tolist(), n.tolist(), strict=True):
+            key = (int(people[p // len(people)]), int(people[p % len(people)]))
+            out.setdefault(key, np.zeros((n_cats, n_cats)))[x, y] = c
+    return out
+
+
+def _gold_hits(db: Session, project: Project, units: Units) -> dict[int, tuple[int, int]]:
+    """Per annotator: (units equal to the gold answer's, units on gold items)."""
+    gold = _unit_rows(project.task, _dialect(db), Item.id, sa.null(), Item.gold, Item.gold["choice"].as_string(),
+                      (Item.project_id == project.id) & Item.gold.is_not(None))
+    rows = np.array(db.execute(sa.select(sa.cast(gold.c.item_id, sa.BigInteger) * (1 << UNIT_BITS) + gold.c.unit,
+                                         gold.c.v)).all(), dtype=np.int64).reshape(-1, 2)
+    at = np.searchsorted(units.keys, rows[:, 0])
+    found = at < len(units.keys)
+    found[found] &= units.keys[at[found]] == rows[found, 0]
+    expected = np.full(len(units.keys), -1)
+    expected[at[found]] = rows[found, 1]
+    answer = expected[units.unit]  # (N,)
+    on_gold = answer >= 0
+    right = np.bincount(units.who, weights=on_gold & (units.value == answer), minlength=len(units.people))
+    total = np.bincount(units.who, weights=on_gold, minlength=len(units.people))
+    return {int(u): (int(right[i]), int(total[i])) for i, u in enumerate(units.people.tolist()) if total[i]}
+
+
+# SQL: the units of every task, and the per-annotator counts.
+
+
+def _dialect(db: Session) -> str:
+    return db.get_bind().dialect.name
+
+
+def _units(db: Session, project: Project) -> Units:
+    """The project's units (see Units), sent by the database as one string of numbers."""
+    rows = _unit_rows(project.task, _dialect(db), Label.item_id, Label.user_id, Label.answer, Label.choice,
+                      (Label.project_id == project.id) & services.active_answers())
+    unit = sa.cast(rows.c.item_id, sa.BigInteger) * (1 << UNIT_BITS) + rows.c.unit
+    who = sa.cast(rows.c.user_id, sa.BigInteger) * (1 << VALUE_BITS) + rows.c.v
+    text = db.execute(sa.select(sa.func.aggregate_strings(sa.cast(unit, sa.String) + "," + sa.cast(who, sa.String),
+                                                          ","))).scalar_one()
+    flat = np.fromstring(text, dtype=np.int64, sep=",") if text else np.zeros(0, dtype=np.int64)  # (2N,)
+    key, code = flat[0::2], flat[1::2]
+    people, who = np.unique(code >> VALUE_BITS, return_inverse=True)
+    order = np.lexsort((who, key))
+    key, who, value = key[order], who.reshape(-1)[order], (code & ((1 << VALUE_BITS) - 1))[order]
+    first = np.ones(len(key), dtype=bool)  # (N,) where a unit starts
+    first[1:] = key[1:] != key[:-1]
+    return Units(key[first], np.cumsum(first) - 1, people, who, value)
+
+
+def _unit_rows(task: str, dialect: str, item_id: Any, user_id: Any, answer: Any, choice: Any,
+               where: sa.ColumnElement[bool]) -> sa.Subquery:
+    """(item_id, unit, user_id, v): a row per unit of each selected answer (tasks.units in SQL), `v` the
+    index of its value in CATEGORIES[task]. `answer` is the JSON column (an answer or a gold answer),
+    `choice` the pairwise choice. A unit is a small integer: 0, a rating's axis, or 16 a + b for ranked
+    positions a < b. Values that are missing (the axes a gold rating leaves out) give no row."""
+    cats = CATEGORIES[task]
+    item_id, user_id, zero = item_id.label("item_id"), user_id.label("user_id"), sa.literal(0).label("unit")
+    if task == "pairwise":
+        rows = [sa.select(item_id, zero, user_id, _index(choice, cats).label("v")).where(where)]
+    elif task == "edit":
+        rows = [sa.select(item_id, zero, user_id, _index(answer["changed"].as_boolean(), cats).label("v")).where(where)]
+    elif task == "rate":
+        rows = [_rate_scores(dialect, item_id, user_id, answer, where)]
+    elif task == "rank":
+        rows = [_rank_pairs(dialect, item_id, user_id, answer, where)]
+    else:  # chat: no units
+        rows = [sa.select(item_id, zero, user_id, sa.literal(0).label("v")).where(sa.false())]
+    union = (rows[0] if len(rows) == 1 else sa.union_all(*rows)).subquery()
+    return sa.select(union).where(union.c.v.is_not(None)).subquery()
+
+
+def _index(value: Any, cats: tuple[Hashable, ...]) -> sa.ColumnElement[Any]:
+    return sa.case({c: i for i, c in enumerate(cats)}, value=value)
+
+
+def _rate_scores(dialect: str, item_id: Any, user_id: Any, answer: Any, where: sa.ColumnElement[bool]) -> sa.Select[Any]:
+    """One row per score of a rating: unit, the axis's place in RATE_AXES. The object is unnested (json_each,
+    json_each_text) rather than read three times: each read parses the JSON again."""
+    if dialect == "sqlite":
+        score = sa.func.json_each(answer, "$.scores").table_valued("key", "value").alias("s")
+        value: Any = score.c.value
+    else:
+        score = sa.func.json_each_text(answer["scores"]).table_valued("key", "value").render_derived(name="s")
+        value = sa.cast(score.c.value, sa.Integer)
+    axis = sa.case({a: i for i, a in enumerate(tasks.RATE_AXES)}, value=score.c.key)
+    return (sa.select(item_id, axis.label("unit"), user_id, _index(value, CATEGORIES["rate"]).label("v"))
+            .join(score, sa.true()).where(where, score.c.key.in_(tasks.RATE_AXES)))
+
+
+def _rank_pairs(dialect: str, item_id: Any, user_id: Any, answer: Any, where: sa.ColumnElement[bool]) -> sa.Select[Any]:
+    """Every pair of places i < j in a ranking: unit (lower, higher position), value 1 when the lower
+    position is ranked first. SQLite unnests the array with json_each, PostgreSQL with
+    json_array_elements_text (neither has the other's)."""
+    a: Any
+    b: Any
+    if dialect == "sqlite":
+        first, second = (sa.func.json_each(answer, "$.ranking").table_valued("key", "value").alias(n)
+                         for n in ("r1", "r2"))
+        a, b = first.c.value, second.c.value
+    else:
+        first, second = (sa.func.json_array_elements_text(answer["ranking"])
+                         .table_valued("value", with_ordinality="key").render_derived(name=n) for n in ("r1", "r2"))
+        a, b = sa.cast(first.c.value, sa.Integer), sa.cast(second.c.value, sa.Integer)
+    unit = sa.case((a < b, a * 16 + b), else_=b * 16 + a)
+    return (sa.select(item_id, unit.label("unit"), user_id, sa.case((a < b, 1), else_=0).label("v"))
+            .join(first, sa.true()).join(second, sa.true()).where(where, first.c.key < second.c.key))
+
+
+def _first_shown(task: str) -> sa.ColumnElement[Any] | None:
+    """1 when an answer prefers what was shown first, 0 when it prefers another, NULL when it states no
+    preference between positions (`_first_shown_chosen` in SQL); None for tasks without one."""
+    if task == "pairwise":
+        return sa.case((Label.displayed_choice == "left", 1), (Label.displayed_choice == "right", 0))
+    if task == "rank":
+        same = Label.answer[("ranking", 0)].as_integer() == Label.presented_order[0].as_integer()
+        return sa.case((sa.func.json_array_length(Label.presented_order) == 0, None), (same, 1), else_=0)
+    return None
+
+
+def _answer_counts(db: Session, project: Project) -> tuple[dict[int, tuple[int, int, int, int]], Counter[int]]:
+    """Per annotator: (answers, answers preferring the first shown, answers preferring a position, answers
+    with a time); for rank projects also how many answers showed each number of responses."""
+    first = _first_shown(project.task)
+    shown = [sa.func.coalesce(sa.func.sum(first), 0), sa.func.count(first)] if first is not None else [0, 0]
+    keys = [Label.user_id, *([sa.func.json_array_length(Label.presented_order)] if project.task == "rank" else [])]
+    query = (sa.select(*keys, sa.func.count(), *shown, sa.func.count(Label.time_spent_ms))
+             .where(Label.project_id == project.id, services.active_answers()).group_by(*keys))
+    totals: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    lengths: Counter[int] = Counter()
+    for row in db.execute(query).all():
+        totals[row[0]] = [a + int(b) for a, b in zip(totals[row[0]], row[-4:], strict=True)]
+        if project.task == "rank":
+            lengths[row[1]] += row[-4]
+    return {user_id: (a, b, c, d) for user_id, (a, b, c, d) in totals.items()}, lengths
+
+
+def _median_ms(db: Session, project: Project, timed: dict[int, int]) -> dict[int, float]:
+    """Per annotator, the median time per answer from the middle one or two of their `timed[user]` times,
+    each found by walking the (project, user, time) index to its place."""
+    parts = [sa.select(Label.user_id, Label.time_spent_ms).where(
+        Label.project_id == project.id, services.active_answers(), Label.user_id == user_id,
+        Label.time_spent_ms.is_not(None)).order_by(Label.time_spent_ms).limit(2 - n % 2).offset((n - 1) // 2).subquery()
+        for user_id, n in timed.items() if n]
+    middle: dict[int, list[int]] = defaultdict(list)
+    if parts:
+        for user_id, ms in db.execute(sa.union_all(*(sa.select(part) for part in parts))).all():
+            middle[user_id].append(ms)
+    return {user_id: statistics.median(values) for user_id, values in middle.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------

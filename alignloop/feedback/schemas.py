@@ -2,16 +2,51 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from annotated_types import Interval
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from alignloop.feedback.conversations import TEST_MESSAGE
 from alignloop.preferences import ConversionReport
 
+MAX_ROW_ID = 2**31 - 1
+RowId = Annotated[int, Interval(ge=1, le=MAX_ROW_ID)]
+"""A row id from a URL or a form. Ids are PostgreSQL `integer`s (SQLite's are 64-bit): a larger number
+cannot even be a query parameter there (a 500), so it is refused with 422 like any malformed value."""
 
-class ProjectIn(BaseModel):
+
+def _nul_at(value: Any, where: str) -> str | None:
+    """Where the first NUL character in a JSON value is (keys included), or None."""
+    if isinstance(value, str):
+        return where if "\x00" in value else None
+    if isinstance(value, BaseModel):
+        value = dict(value)
+    if isinstance(value, dict):
+        if any("\x00" in str(k) for k in value):
+            return f"{where} (a key)"
+        return next((found for k, v in value.items() if (found := _nul_at(v, f"{where}.{k}"))), None)
+    if isinstance(value, list):
+        return next((found for i, v in enumerate(value) if (found := _nul_at(v, f"{where}[{i}]"))), None)
+    return None
+
+
+class Body(BaseModel):
+    """A request body: unknown fields are refused, and so is a NUL character anywhere in its text, which
+    PostgreSQL cannot store (it would fail as a 500 there and be kept in SQLite)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _no_nul(self) -> Body:
+        if (where := _nul_at(self, "body")) is not None:
+            raise ValueError(f"{where}: text must not contain NUL characters")
+        return self
+
+
+class ProjectIn(Body):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"name": "helpfulness-round-2", "overlap_k": 3, "annotators": ["ann", "bob"], "task": "pairwise"}]})
 
     name: str = Field(min_length=1, max_length=200)
     guidelines: str = Field("", max_length=100_000, description="Shown to annotators above every item (plain text).")
@@ -29,18 +64,31 @@ class ProjectOut(BaseModel):
     guidelines: str
     overlap_k: int
     task: str
+    version: int = Field(description="Raised by every accepted edit; send it back with PATCH /projects/{id}.")
 
 
-class MemberIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ProjectEditIn(Body):
+    """A change of a project's settings, made from the version the client read (W13: a stale one gets 409)."""
+
+    version: int = Field(ge=1, description="The project's version when you read it.")
+    name: str | None = Field(None, min_length=1, max_length=200)
+    guidelines: str | None = Field(None, max_length=100_000)
+    overlap_k: int | None = Field(None, ge=1, le=100)
+
+
+class MemberIn(Body):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"username": "ann"}]})
 
     username: str
 
 
-class ItemsIn(BaseModel):
+class ItemsIn(Body):
     """A batch of items, each shaped like one line of the JSONL import (see docs/feedback.md)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [{
+        "id": "q1", "prompt": "What is the capital of France?",
+        "responses": [{"text": "Paris.", "model": "policy", "version": "v2"},
+                      {"text": "Lyon.", "model": "reference", "version": "v1"}]}]}]})
 
     items: list[dict[str, Any]] = Field(min_length=1, max_length=10_000)
 
@@ -68,10 +116,11 @@ class LabelsOut(BaseModel):
     """What each conversion kept and left out, by reason (`preferences.ConversionReport`)."""
 
 
-class ModelIn(BaseModel):
+class ModelIn(Body):
     """A chat project's model: any OpenAI-compatible server (`alignloop serve`, vLLM, a provider)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"base_url": "http://8.8.8.8:8001/v1", "model": "policy", "n_drafts": 2, "temperature": 0.7}]})
 
     base_url: str = Field(min_length=1, max_length=2000, description="e.g. http://gpu-box:8001/v1")
     model: str = Field(min_length=1, max_length=200, description="the model name the server serves")
@@ -95,9 +144,7 @@ class ModelOut(BaseModel):
     timeout_s: float | None
 
 
-class ModelTestIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ModelTestIn(Body):
     message: str = Field(TEST_MESSAGE, min_length=1, max_length=20_000)
 
 

@@ -34,7 +34,7 @@ from alignloop.feedback.db import (
     User,
     utcnow,
 )
-from alignloop.feedback.records import STRENGTHS, ItemIn, VoteRow, agreement
+from alignloop.feedback.records import STRENGTHS, ItemIn, VoteRow
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ def item_view(db: Session, assignment: Assignment) -> dict[str, Any]:
 # Progress and export
 
 
-def _active_answers() -> sa.ColumnElement[bool]:
+def active_answers() -> sa.ColumnElement[bool]:
     """Labels that count: not undone, not skips (a vote or a task answer)."""
     return Label.undone_at.is_(None) & Label.skip_reason.is_(None)
 
@@ -365,33 +365,11 @@ def user_progress(db: Session, project: Project, user_id: int, ttl_minutes: floa
     return {"labelled": labelled, "skipped": skipped, "remaining": available}
 
 
-def project_progress(db: Session, project: Project) -> dict[str, Any]:
-    """Items, answers ("votes"), items with k answers, answers per annotator, skips, and inter-annotator
-    agreement (Krippendorff's alpha at the task's level and percent agreement, over tasks.units)."""
-    items = db.execute(sa.select(sa.func.count()).select_from(Item).where(Item.project_id == project.id)).scalar_one()
-    skips = db.execute(sa.select(sa.func.count()).select_from(Label).where(
-        Label.project_id == project.id, Label.undone_at.is_(None), Label.skip_reason.is_not(None))).scalar_one()
-    rows = db.execute(sa.select(Label.item_id, Label.choice, Label.answer, User.username)
-                      .join(User, User.id == Label.user_id).where(Label.project_id == project.id, _active_answers())).all()
-    by_unit: dict[Any, list[Any]] = {}
-    per_item: dict[int, int] = {}
-    per_annotator: dict[str, int] = {}
-    for item_id, choice, answer, username in rows:
-        for unit, value in tasks.units(project.task, {"choice": choice} if choice else answer).items():
-            by_unit.setdefault((item_id, unit), []).append(value)
-        per_item[item_id] = per_item.get(item_id, 0) + 1
-        per_annotator[username] = per_annotator.get(username, 0) + 1
-    complete = sum(n >= project.overlap_k for n in per_item.values())
-    return {"project": project.name, "task": project.task, "items": items, "overlap_k": project.overlap_k,
-            "votes": len(rows), "items_complete": complete, "skips": skips, "votes_per_annotator": per_annotator,
-            "agreement": agreement(by_unit.values(), tasks.ALPHA_LEVEL[project.task])}
-
-
 def active_labels(db: Session, project: Project) -> list[tuple[Label, Item, str]]:
     """Every answer that counts (not undone, not a skip), oldest first, with its item and annotator name."""
     return [tuple(row) for row in db.execute(  # type: ignore[misc]
         sa.select(Label, Item, User.username).join(Item, Item.id == Label.item_id).join(User, User.id == Label.user_id)
-        .where(Label.project_id == project.id, _active_answers()).order_by(Label.id)).all()]
+        .where(Label.project_id == project.id, active_answers()).order_by(Label.id)).all()]
 
 
 def response_models(item: Item) -> list[dict[str, Any]]:

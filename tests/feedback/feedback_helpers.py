@@ -36,13 +36,20 @@ def add_user(app: FastAPI, username: str, role: str = "annotator") -> int:
         return auth.create_user(db, ctx(app).hasher, username, PASSWORD, role).id
 
 
-def session_client(app: FastAPI, username: str) -> TestClient:
-    """A client logged in as `username` (session made directly, not through the throttled form)."""
+def login_token(app: FastAPI, username: str) -> tuple[str, str]:
+    """A new session token for `username` and its CSRF token (made directly, not through the throttled
+    form); the session is a database row, so a server started separately on the same database takes it."""
     token = auth.login(ctx(app), username, PASSWORD)
     assert token is not None
+    return token, security.csrf_token(SECRET, security.token_hash(token))
+
+
+def session_client(app: FastAPI, username: str) -> TestClient:
+    """A client logged in as `username`."""
+    token, csrf = login_token(app, username)
     client = TestClient(app, follow_redirects=False)
     client.cookies.set(ctx(app).session_cookie, token)
-    client.headers["X-CSRF-Token"] = security.csrf_token(SECRET, security.token_hash(token))
+    client.headers["X-CSRF-Token"] = csrf
     return client
 
 

@@ -95,7 +95,7 @@ def test_cli_migrate_down_and_up(env: dict[str, str], capsys: pytest.CaptureFixt
     assert main(["app", "migrate", "--down"]) == 0
     assert "revision None" in capsys.readouterr().out
     assert main(["app", "migrate"]) == 0
-    assert "revision 0003" in capsys.readouterr().out
+    assert "revision 0005" in capsys.readouterr().out
 
 
 def _free_port() -> int:

@@ -1,27 +1,40 @@
 """The admin quality dashboard and its API: agreement equals `alignloop.agreement` on hand-made label sets
 (pairwise, rank, rate), per-annotator quality is the hand-computed value, the page is admin-only and
-draws its charts as inline SVG under the strict CSP. Runs on SQLite and PostgreSQL."""
+draws its charts as inline SVG under the strict CSP; the figures counted by the database equal the
+Python definition (`quality.compute`) on random projects of every task, and follow each new label.
+Runs on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import itertools
+import random
 import re
+from collections import Counter, defaultdict
+from typing import Any
 
+import numpy as np
 import pytest
+import sqlalchemy as sa
 from fastapi import FastAPI
 from feedback_helpers import (
     add_task_project,
     add_user,
     anonymous_client,
     answer_all,
+    ctx,
     item_row,
     session_client,
     shown_numbers,
     task_row,
     token_client,
 )
+from sqlalchemy.orm import Session
 
 from alignloop.agreement import cohen_kappa, fleiss_kappa, krippendorff_alpha, percent_agreement
-from alignloop.feedback import quality
+from alignloop.feedback import quality, services, tasks
+from alignloop.feedback.db import Assignment, Item, Label, Project, User
+from alignloop.feedback.records import agreement
+from alignloop.feedback.tasks import RATE_AXES
 
 # Canonical choices (import positions) per item and annotator; a3 skips p5; p4 is gold ("a").
 PAIRWISE = {
@@ -159,3 +172,175 @@ def test_bar_geometry() -> None:
     kappas = quality.bars([("p", -0.5), ("q", 0.25)], -1, 1, width=200)
     assert [(b.x, b.width) for b in kappas] == [(50, 50), (100, 25)]
     assert quality.chart_x(0.5, 0, 1, width=200) == 100
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The figures counted by the database equal `quality.compute` on every active label (the dashboard's
+# definition, which loaded them all), on random projects of each task, with skips, undos, gold items,
+# missing times and user names that sort differently from user ids.
+
+
+def _random_form(task: str, rng: random.Random, order: list[int], original: str) -> Any:
+    """A random answer as `answer_all`'s `decide` gives it (None: skip)."""
+    if rng.random() < 0.1:
+        return None
+    if task == "pairwise":
+        choice = rng.choices(("a", "b", "tie", "both_bad"), (4, 3, 2, 1))[0]
+        return choice, None if choice in ("tie", "both_bad") else "better"
+    if task == "rank":
+        return {"ranking": ",".join(str(d + 1) for d in rng.sample(range(len(order)), len(order)))}
+    if task == "rate":
+        return {axis: rng.choice((3, 4, 4, 5)) if axis != "harmless" else rng.randint(1, 5) for axis in RATE_AXES}
+    return {"edited": original if rng.random() < 0.6 else original + " (fixed)"}
+
+
+def _random_project(app: FastAPI, task: str, seed: int) -> int:
+    rng = random.Random(seed)
+    names = ["zoe", "Yan", "xia", "Wes", "vic", "ulf"]  # ids rise as names fall (and case sorts first)
+    for name in names:
+        add_user(app, name)
+    rows = []
+    for i in range(18):
+        n = {"pairwise": 2, "rank": rng.randint(2, 4)}.get(task, 1)
+        gold = None if i % 6 or task == "edit" else {"pairwise": {"choice": "a"}, "rank": {"ranking": list(range(n))},
+                                                     "rate": {"scores": {"helpful": 4, "honest": 5}}}[task]
+        rows.append(task_row(f"i{i:02d}", n, gold=gold))
+    pid = add_task_project(app, f"random-{task}", task, names, rows, k=3)
+    for name in rng.sample(names, len(names)):
+        with ctx(app).database.write() as db:
+            uid = db.execute(sa.select(User.id).where(User.username == name)).scalar_one()
+            project = services.member_project(db, uid, pid, lock=True)
+            for turn in itertools.count():
+                assignment = services.next_assignment(db, project, uid, 60)
+                if assignment is None:
+                    break
+                item = db.get(Item, assignment.item_id)
+                assert item is not None
+                assignment.presented_order = rng.sample(range(len(item.responses)), len(item.responses))
+                form = _random_form(task, rng, assignment.presented_order, item.responses[0].text)
+                key, ms = f"{name}-{turn}", None if rng.random() < 0.15 else rng.randint(500, 9000)
+                if form is None:
+                    services.skip(db, project, uid, assignment.id, "unsure", ms, key)
+                elif task == "pairwise":
+                    choice, strength = form
+                    position = "ab".index(choice) if strength else -1
+                    shown = ("left", "right")[assignment.presented_order.index(position)] if strength else choice
+                    services.submit_label(db, project, uid, assignment.id, shown, strength, ms, key)
+                else:
+                    services.submit_answer(db, project, uid, assignment.id, task, form, ms, key)
+                if rng.random() < 0.1:
+                    services.undo_last(db, project, uid)  # the item comes back and is answered again
+    return pid
+
+
+def _reference_quality(db: Session, project: Project) -> dict[str, Any]:
+    """The figures as the dashboard computed them before counting in the database."""
+    answers = [quality.Answer(item.external_id, name, services.answer_of(label), label.time_spent_ms,
+                              label.displayed_choice, tuple(label.presented_order))
+               for label, item, name in services.active_labels(db, project)]
+    gold = dict(db.execute(sa.select(Item.external_id, Item.gold).where(Item.project_id == project.id,
+                                                                        Item.gold.is_not(None))).all())
+    return {"project": project.name, **quality.compute(project.task, answers, gold)}
+
+
+def _reference_progress(db: Session, project: Project) -> dict[str, Any]:
+    labels = services.active_labels(db, project)
+    by_unit: dict[Any, list[Any]] = defaultdict(list)
+    for label, item, _ in labels:
+        for unit, value in tasks.units(project.task, services.answer_of(label)).items():
+            by_unit[(item.id, unit)].append(value)
+    per_item = Counter(item.id for _, item, _ in labels)
+    skips = db.execute(sa.select(sa.func.count()).select_from(Label).where(
+        Label.project_id == project.id, Label.undone_at.is_(None), Label.skip_reason.is_not(None))).scalar_one()
+    items = db.execute(sa.select(sa.func.count()).select_from(Item).where(Item.project_id == project.id)).scalar_one()
+    return {"project": project.name, "task": project.task, "items": items, "overlap_k": project.overlap_k,
+            "votes": len(labels), "items_complete": sum(n >= project.overlap_k for n in per_item.values()), "skips": skips,
+            "votes_per_annotator": dict(Counter(name for _, _, name in labels)),
+            "agreement": agreement(by_unit.values(), tasks.ALPHA_LEVEL[project.task])}
+
+
+def assert_same_figures(got: Any, want: Any, where: str = "") -> None:
+    """Equal structure, types and values; floats to 1e-12 (the counts are summed in another order)."""
+    assert type(got) is type(want), (where, got, want)
+    if isinstance(want, dict):
+        assert sorted(got) == sorted(want), where
+        for key in want:
+            assert_same_figures(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_same_figures(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-12), where
+    else:
+        assert got == want, where
+
+
+@pytest.mark.parametrize("task", ["pairwise", "rank", "rate", "edit"])
+def test_counted_figures_equal_the_definition(app: FastAPI, task: str) -> None:
+    pid = _random_project(app, task, seed=len(task))
+    with ctx(app).database.read() as db:
+        project = services.admin_project(db, pid)
+        got, want = quality.project_quality(db, project), _reference_quality(db, project)
+        progress, want_progress = quality.project_progress(db, project), _reference_progress(db, project)
+    assert want["answers"] > 40 and want["gold_items"] == (0 if task == "edit" else 3)
+    assert sum(p["gold_units"] for p in want["annotators"]) > 0 or task == "edit"
+    assert len(want["agreement"]["cohen"]) >= 10 and want["agreement"]["fleiss_units"] > 0
+    assert_same_figures(got, want)
+    assert_same_figures(progress, want_progress)
+
+
+def test_chat_figures_equal_the_definition(app: FastAPI) -> None:
+    """Chat answers have no units (each annotator judges their own drafts): answers and times only."""
+    rng = random.Random(5)
+    for name in ("cy", "Bo", "al"):
+        add_user(app, name)
+    pid = add_task_project(app, "chats", "chat", ["cy", "Bo", "al"], [task_row(f"c{i}", 0) for i in range(6)], k=2)
+    with ctx(app).database.write() as db:  # finished conversations, as conversations.finish stores them
+        items = db.execute(sa.select(Item).where(Item.project_id == pid)).scalars().all()
+        for user in db.execute(sa.select(User).where(User.username.in_(["cy", "Bo"]))).scalars():
+            for item in items[:4]:
+                skipped = rng.random() < 0.25
+                assignment = Assignment(project_id=pid, item_id=item.id, user_id=user.id, presented_order=[],
+                                        status="skipped" if skipped else "done")
+                db.add(assignment)
+                db.flush()
+                outcome = {"skip_reason": "off topic"} if skipped else {"answer": {"turns": rng.randint(1, 3)}}
+                db.add(Label(assignment_id=assignment.id, project_id=pid, item_id=item.id, user_id=user.id,
+                             presented_order=[], idempotency_key=f"{user.id}-{item.id}",
+                             time_spent_ms=rng.choice((None, rng.randint(1000, 5000))), **outcome))
+    with ctx(app).database.read() as db:
+        project = services.admin_project(db, pid)
+        want = _reference_quality(db, project)
+        assert_same_figures(quality.project_quality(db, project), want)
+        progress = quality.project_progress(db, project)
+        assert_same_figures(progress, _reference_progress(db, project))
+    assert want["answers"] > 4 and want["agreement"]["units"] == 0 and want["agreement"]["cohen"][0]["kappa"] is None
+    assert (progress["items"], progress["items_complete"]) == (6, 2) and progress["skips"] > 0
+
+
+def test_dashboard_is_live(app: FastAPI) -> None:
+    """Each load counts again: a new label shows at once (nothing is cached)."""
+    pid = _pairwise_project(app)
+    add_user(app, "boss", "admin")
+    add_user(app, "a4")
+    admin = session_client(app, "boss")
+    before = admin.get(f"/api/v1/projects/{pid}/quality").json()
+    with ctx(app).database.write() as db:
+        services.add_member(db, services.admin_project(db, pid), "a4")
+    answer_all(app, pid, "a4", lambda item, _o: ("b", "better") if item == "p5" else None, ms=lambda item: 50)
+    after = admin.get(f"/api/v1/projects/{pid}/quality").json()
+    assert (before["answers"], after["answers"]) == (17, 18)
+    assert {p["annotator"]: p["median_ms"] for p in after["annotators"]}["a4"] == 50
+    assert before["agreement"]["krippendorff_alpha"] != after["agreement"]["krippendorff_alpha"]
+    assert "18 answers" in admin.get(f"/admin/projects/{pid}/dashboard").text
+
+
+@pytest.mark.parametrize("scale", [1, 10**6])
+def test_distinct_rows_is_unique_by_row(scale: int) -> None:
+    """Rows read as numbers while they fit in 62 bits, else numpy's row-wise unique: the same answer."""
+    table = np.random.default_rng(0).integers(0, 4, size=(500, 5)) * scale
+    rows, inverse = quality._distinct_rows(table)
+    want_rows, want_inverse = np.unique(table, axis=0, return_inverse=True)
+    assert sorted(map(tuple, rows.tolist())) == list(map(tuple, want_rows.tolist()))
+    assert (rows[inverse] == table).all() and len(rows) == len(want_rows) == len(set(want_inverse.tolist()))

@@ -38,7 +38,7 @@ def test_upgrade_matches_models_and_downgrade_empties(empty_url: str) -> None:
     try:
         assert migrations.current_revision(engine) is None and _tables(engine) == set()
         migrations.upgrade(engine)
-        assert migrations.current_revision(engine) == "0003"
+        assert migrations.current_revision(engine) == "0005"
         assert _tables(engine) == set(Base.metadata.tables) | {"alembic_version"}
         with engine.connect() as conn:
             diff: list[Any] = compare_metadata(MigrationContext.configure(conn), Base.metadata)
@@ -47,7 +47,7 @@ def test_upgrade_matches_models_and_downgrade_empties(empty_url: str) -> None:
         assert migrations.current_revision(engine) is None
         assert _tables(engine) == {"alembic_version"}
         migrations.upgrade(engine)  # and up again from there
-        assert migrations.current_revision(engine) == "0003"
+        assert migrations.current_revision(engine) == "0005"
     finally:
         engine.dispose()
 
@@ -149,7 +149,7 @@ def test_0003_adds_chat_keeps_rows_and_refuses_to_drop_chat_projects(empty_url: 
     """0002 -> 0003 keeps votes and items (items is not rebuilt: its cascade would delete them); a chat
     conversation can be stored; downgrading refuses while a chat project exists and otherwise returns to
     0002 with everything else intact (both databases)."""
-    from alignloop.feedback.db import ChatDraft, ChatEndpoint, ChatPick, ChatTurn, Item, Project
+    from alignloop.feedback.db import ChatDraft, ChatEndpoint, ChatPick, ChatTurn, Item
 
     engine = make_engine(empty_url)
     try:
@@ -162,8 +162,9 @@ def test_0003_adds_chat_keeps_rows_and_refuses_to_drop_chat_projects(empty_url: 
         try:
             with database.write() as db:
                 assert db.get(Item, 1).owner_id is None
-                db.add(Project(id=2, name="c", task="chat"))
-                db.flush()
+                # (raw SQL for projects: the model already has 0004's column)
+                db.execute(sa.text("INSERT INTO projects (id, name, guidelines, overlap_k, task, created_at) "
+                                   "VALUES (2, 'c', '', 1, 'chat', '2026-01-01')"))
                 db.add(ChatEndpoint(project_id=2, base_url="http://x/v1", model="m"))
                 db.add(Item(id=2, project_id=2, external_id="c0", prompt=[{"role": "user", "content": "hi"}], owner_id=1))
                 db.flush()
@@ -182,7 +183,7 @@ def test_0003_adds_chat_keeps_rows_and_refuses_to_drop_chat_projects(empty_url: 
                 migrations.downgrade(engine, "0002")
             assert migrations.current_revision(engine) == "0003" and _chat_rows(engine)["chat_picks"] == 1
             with database.write() as db:
-                db.execute(sa.delete(Project).where(Project.id == 2))  # cascades to its items and conversations
+                db.execute(sa.text("DELETE FROM projects WHERE id = 2"))  # cascades to its items and conversations
             assert _chat_rows(engine) == {"chat_endpoints": 0, "chat_turns": 0, "chat_drafts": 0, "chat_picks": 0}
         finally:
             database.dispose()
@@ -190,6 +191,34 @@ def test_0003_adds_chat_keeps_rows_and_refuses_to_drop_chat_projects(empty_url: 
         assert migrations.current_revision(engine) == "0002" and _labels(engine) == [(1, "a", "better")]
         assert not {"chat_endpoints", "chat_turns", "chat_drafts", "chat_picks"} & _tables(engine)
         assert "owner_id" not in {c["name"] for c in sa.inspect(engine).get_columns("items")}
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT COUNT(*) FROM responses")).scalar_one() == 2
+    finally:
+        engine.dispose()
+
+
+def test_0004_versions_projects_and_keeps_rows(empty_url: str) -> None:
+    """0003 -> 0004 gives existing projects version 1 and an empty audit log without touching their rows
+    (projects is not rebuilt: its cascade would delete items and labels); downgrading drops both again."""
+    engine = make_engine(empty_url)
+    try:
+        migrations.upgrade(engine, "0001")
+        _seed_0001(engine)
+        migrations.upgrade(engine, "0003")
+        migrations.upgrade(engine, "0004")
+        assert migrations.current_revision(engine) == "0004" and _labels(engine) == [(1, "a", "better")]
+        with engine.begin() as conn:
+            assert conn.execute(sa.text("SELECT id, version FROM projects")).all() == [(1, 1)]
+            conn.execute(sa.text("INSERT INTO audit_log (created_at, user_id, username, action, object_type, object_id, "
+                                 "outcome, details) VALUES ('2026-01-01', 1, 'ann', 'project.edit', 'project', 1, "
+                                 "'applied', '{}')"))
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO audit_log (created_at, username, action, object_type, object_id, outcome, "
+                                 "details) VALUES ('2026-01-01', 'ann', 'project.edit', 'project', 1, 'maybe', '{}')"))
+        migrations.downgrade(engine, "0003")
+        assert migrations.current_revision(engine) == "0003" and _labels(engine) == [(1, "a", "better")]
+        assert "audit_log" not in _tables(engine)
+        assert "version" not in {c["name"] for c in sa.inspect(engine).get_columns("projects")}
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT COUNT(*) FROM responses")).scalar_one() == 2
     finally:

@@ -7,95 +7,25 @@ a reason; the admin downloads the export, which `load_records(path, "pair")` rea
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Any
 
 import pytest
-from browser_helpers import Shots, Visitor, assert_strict_csp
+from browser_helpers import (
+    LABELS_EACH,
+    MARGINS,
+    N_ITEMS,
+    Shots,
+    Visitor,
+    assert_strict_csp,
+    download,
+    label_by_keyboard,
+    write_items,
+)
 
 from alignloop.data import load_records
 
 pytestmark = pytest.mark.browser
-
-N_ITEMS = 14
-LABELS_EACH = 10
-# Keys by strength (docs/feedback.md): the good answer on the left is 1-3, on the right 7-5.
-LEFT_KEYS = {"much better": "1", "better": "2", "slightly better": "3"}
-RIGHT_KEYS = {"much better": "7", "better": "6", "slightly better": "5"}
-MARGINS = {"much better": 3, "better": 2, "slightly better": 1}
-
-
-def write_items(path: Path) -> Path:
-    """Items whose good answer says so, at position a or b by turns (the page shuffles them anyway)."""
-    with path.open("w", encoding="utf-8") as f:
-        for i in range(N_ITEMS):
-            good = {"text": f"good answer to q{i:02d}: boil it for 8 minutes", "model": "policy", "version": "step-400"}
-            poor = {"text": f"poor answer to q{i:02d}: eggs are laid by hens", "model": "sft", "version": "v1"}
-            row = {"id": f"q{i:02d}", "prompt": f"Question q{i:02d}: how long do I boil an egg?",
-                   "responses": [good, poor] if i % 2 else [poor, good], "meta": {"source": "browser test"}}
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
-def shown_item(v: Visitor) -> tuple[str, str]:
-    """(item id, side of the good answer) of the pair on the page."""
-    prompt = v.page.inner_text("h2:has-text('Prompt') + .text")
-    item = re.search(r"q\d\d", prompt)
-    assert item, prompt
-    left = v.page.inner_text("#left")
-    right = v.page.inner_text("#right")
-    assert ("good answer" in left) != ("good answer" in right), (left, right)
-    return item.group(0), "left" if "good answer" in left else "right"
-
-
-def press(v: Visitor, key: str) -> Any:
-    response = v.navigate(lambda: v.page.keyboard.press(key))
-    assert response.status == 200, (key, response.status, v.page.url)
-    return response
-
-
-def label_by_keyboard(v: Visitor, project_id: int, undo_at: int, skip_at: int) -> dict[str, str]:
-    """Label LABELS_EACH pairs with keys only: at step `undo_at` first answer wrongly, undo with `u`
-    (the same item must come back) and answer again; at step `skip_at` skip with `s` and a reason.
-    Returns {item id: strength of the vote that stands}."""
-    v.goto(f"/annotate/{project_id}")
-    votes: dict[str, str] = {}
-    strengths = list(MARGINS)
-    step = 0
-    while len(votes) < LABELS_EACH:
-        item, good = shown_item(v)
-        assert item not in votes, f"{item} was given twice"
-        if step == skip_at:
-            v.page.keyboard.press("s")
-            assert v.page.evaluate("document.activeElement.id") == "skip-reason"
-            v.page.keyboard.type("I do not know how eggs are cooked.")
-            press(v, "Enter")
-            assert shown_item(v)[0] != item
-            step += 1
-            continue
-        if step == undo_at:
-            wrong = (RIGHT_KEYS if good == "left" else LEFT_KEYS)["much better"]
-            press(v, wrong)
-            assert shown_item(v)[0] != item
-            press(v, "u")
-            assert shown_item(v)[0] == item, "undo did not bring the item back"
-        strength = strengths[step % 3]
-        press(v, (LEFT_KEYS if good == "left" else RIGHT_KEYS)[strength])
-        votes[item] = strength
-        step += 1
-    text = v.page.inner_text("body")
-    assert f"You have labelled {LABELS_EACH} and skipped 1" in text, text
-    return votes
-
-
-def download(v: Visitor, link_text: str, out: Path) -> Any:
-    with v.page.expect_download() as info:
-        v.page.click(f"a:text-is('{link_text}')")
-    info.value.save_as(str(out))
-    return out
-
 
 def test_admin_and_two_annotators_label_by_keyboard_and_export(live_server: Any, browser: Any, artifacts: Path,
                                                                tmp_path: Path) -> None:
