@@ -309,6 +309,8 @@ def cmd_app(argv: list[str]) -> int:
     args = build_app_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:  # alembic names each of its autogenerate plugins at INFO on every command: noise
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     from alignloop.data import DataError
     from alignloop.feedback import commands
     from alignloop.feedback.backup import BackupError

@@ -123,7 +123,7 @@ def _chat_records(db: Session, assignments: dict[int, dict[str, str]]) -> Iterat
 
 def load(database: Database, text: str, source: str) -> dict[str, Any]:
     """Recreate a dumped project in this database, all or nothing; the project's name and row counts."""
-    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    lines = _parse_lines(text, source)
     if not lines or lines[0].get("format") != FORMAT or lines[0].get("version") != VERSION:
         raise services.Invalid(f"{source}: not a project dump (`alignloop app dump`, format {FORMAT} {VERSION})")
     with database.write() as db:
@@ -133,6 +133,22 @@ def load(database: Database, text: str, source: str) -> dict[str, Any]:
             raise
         except (KeyError, TypeError, ValueError, StopIteration) as err:
             raise services.Invalid(f"{source}: a malformed dump ({type(err).__name__}: {err})") from None
+
+
+def _parse_lines(text: str, source: str) -> list[dict[str, Any]]:
+    """Each non-blank line as a JSON object; a bad one is named by file and line, before anything is written."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise services.Invalid(f"{source}:{number}: not JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise services.Invalid(f"{source}:{number}: a dump line is a JSON object, not {type(row).__name__}")
+        rows.append(row)
+    return rows
 
 
 def _user_ids(db: Session, lines: list[dict[str, Any]]) -> dict[str, int]:

@@ -329,6 +329,11 @@ def test_w14_refused_loads_write_nothing(app: FastAPI, tmp_path: Path, fresh_url
         before = table_snapshot(target)
         assert main(["app", "load", str(garbage)]) == 2 and "not a project dump" in capsys.readouterr().err
         assert main(["app", "load", str(truncated)]) == 2 and "a malformed dump (KeyError" in capsys.readouterr().err
+        broken = tmp_path / "broken.jsonl"
+        broken.write_text(dump.read_text().replace("\n", "\nnot json\n", 1))
+        assert main(["app", "load", str(broken)]) == 2 and f"{broken}:2: not JSON" in capsys.readouterr().err
+        broken.write_text(dump.read_text().replace("\n", "\n[1, 2]\n", 1))
+        assert main(["app", "load", str(broken)]) == 2 and f"{broken}:2: a dump line is a JSON object" in capsys.readouterr().err
         assert table_snapshot(target) == before
         assert main(["app", "load", str(dump)]) == 0
         loaded = table_snapshot(target)
