@@ -127,7 +127,7 @@ def run(cfg: QuickstartConfig) -> QuickstartResult:
     t0 = time.perf_counter()
     sft_result = sft.train(cfg.sft)
     sft_seconds = time.perf_counter() - t0
-    after, sampled = _evaluate_folder(sft_result.final_dir, prompts, judge, cfg)
+    after, sampled = evaluate_folder(sft_result.final_dir, prompts, judge, cfg)
     result = QuickstartResult(before, after, sampled, good_share, sft_seconds, sft_result)
     if cfg.stages == "sft":
         return result
@@ -145,11 +145,11 @@ def run(cfg: QuickstartConfig) -> QuickstartResult:
     t0 = time.perf_counter()
     result.ppo = ppo.train(cfg.ppo)
     result.ppo_seconds = time.perf_counter() - t0
-    result.after_ppo, result.after_ppo_sampled = _evaluate_folder(result.ppo.final_dir, prompts, judge, cfg)
+    result.after_ppo, result.after_ppo_sampled = evaluate_folder(result.ppo.final_dir, prompts, judge, cfg)
     return result
 
 
-def _evaluate_folder(folder: Path, prompts: list[Prompt], judge: GoldJudge, cfg: QuickstartConfig) -> tuple[PolicyEval, PolicyEval]:
+def evaluate_folder(folder: Path, prompts: list[Prompt], judge: GoldJudge, cfg: QuickstartConfig) -> tuple[PolicyEval, PolicyEval]:
     """Greedy and T=1 gold scores of the policy saved in `folder`."""
     model, tokenizer = load_causal_lm(str(folder)), load_tokenizer(str(folder))
     greedy = evaluate_policy(model, tokenizer, prompts, judge.score, cfg.gen, seed=cfg.sft.run.seed)
