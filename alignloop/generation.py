@@ -12,6 +12,7 @@ after is padding with mask 0, and the loop exits as soon as every row has ended.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,11 @@ def sample_next_tokens(
 # The decoding loop
 
 
+StepListener = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""Called after each sampling step with, for the rows still generating, their row index in the rollout,
+the token just drawn (EOS included) and whether the row has now ended (EOS or a stop string); (A,) each."""
+
+
 @dataclass
 class _Chunk:
     """One batch's sampled part of a Rollout (tensors on the CPU)."""
@@ -168,6 +174,8 @@ def _decode_chunk(
     prompt_mask: torch.Tensor,
     cfg: GenConfig,
     generator: torch.Generator,
+    on_step: StepListener | None = None,
+    first_row: int = 0,
 ) -> _Chunk:
     """Sample up to `cfg.max_new_tokens` for one left-padded batch, reusing the KV cache.
 
@@ -196,6 +204,9 @@ def _decode_chunk(
             hits = [any(stop in text for stop in cfg.stop_strings) for text in texts]
             stopped[rows] |= torch.tensor(hits, device=device)
         ended |= stopped
+        if on_step is not None:
+            rows = alive[:, step].nonzero().flatten()  # (A,)
+            on_step((rows + first_row).cpu(), tokens[rows, step].cpu(), ended[rows].cpu())
         if step + 1 == steps or bool(ended.all()):
             break
         next_logits = stepper.step(tokens[:, step])
@@ -217,12 +228,14 @@ def generate(
     cfg: GenConfig,
     *,
     seed: int | None = None,
+    on_step: StepListener | None = None,
 ) -> Rollout:
     """Sample `cfg.num_samples` responses for each tokenised prompt, `cfg.batch_size` rows per batch.
 
     The model runs in eval mode on its own device; its training mode is restored afterwards. A row
     stops at EOS or at the token whose addition makes the decoded response (special tokens kept)
-    contain one of `cfg.stop_strings`; that token is kept in the mask.
+    contain one of `cfg.stop_strings`; that token is kept in the mask. `on_step`, when given, hears
+    every sampled token as it is drawn (for streaming); an exception it raises stops generation.
     """
     _check_config(cfg)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -240,7 +253,7 @@ def generate(
     try:
         for start in range(0, len(rows), cfg.batch_size):
             ids, mask = left_pad([prompts[i] for i in rows[start : start + cfg.batch_size]], tokenizer.pad_token_id)
-            batches.append((ids, mask, _decode_chunk(model, tokenizer, ids, mask, cfg, generator)))
+            batches.append((ids, mask, _decode_chunk(model, tokenizer, ids, mask, cfg, generator, on_step, start)))
     finally:
         model.train(was_training)
     prompt_width = max(ids.shape[1] for ids, _, _ in batches)

@@ -10,8 +10,11 @@ Choices worth knowing:
   short hash of the safetensors files, so the app can record exactly which weights wrote each draft.
 - Stop strings end generation as in `generate` (the completing token is sampled) but, as in OpenAI's
   API, the returned text ends before the stop string.
-- Streaming sends OpenAI's `chat.completion.chunk` events, but only after the whole response is
-  sampled: `generate` has no per-token callback, so the first chunk comes when the last token does.
+- Streaming sends OpenAI's `chat.completion.chunk` events as tokens are sampled (`generate`'s `on_step`
+  hook, generation in a worker thread). Text that could still change is held back: a partial UTF-8
+  character, trailing whitespace (answers are stripped) and an ending that may be the start of a stop
+  string; so the pieces of a stream concatenate to exactly the non-streamed answer. A client that
+  disconnects stops the generation at its next token.
 - Requests run one at a time (a lock), each batching its `n` samples in one `generate` call.
 - Bad requests answer 400 with OpenAI's error object; an unknown model 404; no path answers a
   traceback. `ALIGNLOOP_SERVE_API_KEY`, when set, is required as a Bearer token.
@@ -19,6 +22,8 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -26,9 +31,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from os.path import commonprefix
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +46,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignloop.config import GenConfig
 from alignloop.data import DataError, Message
-from alignloop.generation import Rollout, decode_responses, generate
+from alignloop.generation import Rollout, StepListener, decode_responses, generate
 from alignloop.models import ModelError, load_causal_lm, load_tokenizer
 from alignloop.tokenization import encode_prompt
 
@@ -53,6 +57,8 @@ MAX_N = 16
 """Most choices per request: n rows are sampled in one batch, so this bounds a request's memory."""
 MAX_STOP = 4
 """Most stop strings per request (OpenAI's limit)."""
+DISCONNECT_POLL_S = 0.25
+"""While a stream waits for its next token, how often it checks whether the client has gone."""
 DEFAULT_MAX_TOKENS = 256
 """Tokens sampled when a request gives no max_tokens (less when the context has less room)."""
 # OpenAI parameters we cannot honour: refused when set to anything but an "off" value, rather than
@@ -214,10 +220,9 @@ def prepare(served: ServedModel, req: ChatRequest) -> tuple[list[int], GenConfig
 
 @dataclass
 class Choice:
-    """One sampled answer: its text and token ids (for streaming) and why it ended."""
+    """One sampled answer: its text and why it ended."""
 
     text: str
-    token_ids: list[int]
     finish_reason: str
 
 
@@ -227,15 +232,15 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
     return text[: min(ends)] if ends else text
 
 
-def sample(served: ServedModel, prompt: list[int], cfg: GenConfig, seed: int | None) -> tuple[list[Choice], Rollout]:
+def sample(served: ServedModel, prompt: list[int], cfg: GenConfig, seed: int | None,
+           on_step: StepListener | None = None) -> tuple[list[Choice], Rollout]:
     """Sample cfg.num_samples answers with `generation.generate` (one batch, under the model's lock)."""
     with served.lock:
-        rollout = generate(served.model, served.tokenizer, [prompt], cfg, seed=seed)
+        rollout = generate(served.model, served.tokenizer, [prompt], cfg, seed=seed, on_step=on_step)
     texts = decode_responses(rollout, served.tokenizer)
     choices = []
     for i, text in enumerate(texts):
-        ids = rollout.response_ids[i][rollout.response_mask[i].bool()].tolist()
-        choices.append(Choice(cut_at_stop(text, cfg.stop_strings), ids, "stop" if rollout.ended[i] else "length"))
+        choices.append(Choice(cut_at_stop(text, cfg.stop_strings), "stop" if rollout.ended[i] else "length"))
     return choices, rollout
 
 
@@ -255,39 +260,98 @@ def completion_body(served: ServedModel, choices: list[Choice], usage: dict[str,
     }
 
 
-def text_pieces(tokenizer: PreTrainedTokenizerBase, choice: Choice) -> list[str]:
-    """The final text split where each token's prefix first shows it (a partial UTF-8 character waits
-    for its next token), so the pieces concatenate to exactly `choice.text`."""
-    prefixes = tokenizer.batch_decode([choice.token_ids[: k + 1] for k in range(len(choice.token_ids))],
-                                      skip_special_tokens=True)
-    pieces, sent = [], 0
-    for prefix in prefixes:
-        reach = len(commonprefix([prefix.lstrip(), choice.text]))
-        if reach > sent:
-            pieces.append(choice.text[sent:reach])
-            sent = reach
-    if sent < len(choice.text):
-        pieces.append(choice.text[sent:])
-    return pieces
+def settled_text(tokenizer: PreTrainedTokenizerBase, token_ids: list[int], stops: list[str]) -> str:
+    """The part of a growing answer that no later token can change: decoded and stripped as
+    `decode_responses` does, cut before a stop string, without a trailing partial UTF-8 character,
+    trailing whitespace, or an ending that is the start of a stop string."""
+    text = cut_at_stop(tokenizer.decode(token_ids, skip_special_tokens=True).lstrip(), stops)
+    text = text.rstrip("\ufffd").rstrip()
+    held = max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+    return text[: len(text) - held]
 
 
-def stream_events(served: ServedModel, choices: list[Choice], usage: dict[str, int] | None) -> Iterator[str]:
-    """Server-sent events in OpenAI's chunk format: per choice a role chunk, content chunks and a
-    finish chunk; then the usage chunk when asked; then `data: [DONE]`."""
+class _Cancelled(Exception):
+    """Raised inside generation when the streaming client has gone."""
+
+
+async def stream_events(served: ServedModel, prompt: list[int], cfg: GenConfig, seed: int | None,
+                        include_usage: bool, request: Request) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format while generating: a role chunk per choice, content
+    chunks as text settles, a finish chunk per choice; then the usage chunk when asked; then `[DONE]`.
+    Generation runs in a worker thread and hands its tokens over through a queue; this loop checks for
+    a disconnected client between them (uvicorn drops writes to a closed connection silently)."""
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
             "model": served.name, "system_fingerprint": served.version}
 
     def event(choice_list: list[dict[str, Any]], **extra: Any) -> str:
         return f"data: {json.dumps({**head, 'choices': choice_list, **extra}, ensure_ascii=False)}\n\n"
 
-    for i, choice in enumerate(choices):
-        yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-        for piece in text_pieces(served.tokenizer, choice):
-            yield event([{"index": i, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}])
-        yield event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": choice.finish_reason}])
-    if usage is not None:
-        yield event([], usage=usage)
-    yield "data: [DONE]\n\n"
+    def content(index: int, piece: str) -> str:
+        return event([{"index": index, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}])
+
+    loop = asyncio.get_running_loop()
+    updates: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    gone = threading.Event()
+
+    def hand_over(item: tuple[str, Any]) -> None:
+        try:
+            loop.call_soon_threadsafe(updates.put_nowait, item)
+        except RuntimeError:  # the server's loop has closed (shutdown): nobody is listening
+            raise _Cancelled from None
+
+    def on_step(rows: torch.Tensor, tokens: torch.Tensor, ended: torch.Tensor) -> None:
+        if gone.is_set():
+            raise _Cancelled
+        hand_over(("tokens", (rows.tolist(), tokens.tolist())))
+
+    def work() -> None:
+        try:
+            result = sample(served, prompt, cfg, seed, on_step)
+            hand_over(("done", result))
+        except _Cancelled:
+            log.info("streaming client disconnected: generation stopped")
+        except Exception as err:  # reported to the client below; the HTTP status is already sent
+            log.exception("chat completion failed while streaming")
+            with contextlib.suppress(_Cancelled):
+                hand_over(("error", err))
+
+    token_ids: list[list[int]] = [[] for _ in range(cfg.num_samples)]
+    sent = [""] * cfg.num_samples
+    threading.Thread(target=work, name="serve-stream", daemon=True).start()
+    try:
+        for i in range(cfg.num_samples):
+            yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+        while True:
+            try:
+                kind, payload = await asyncio.wait_for(updates.get(), DISCONNECT_POLL_S)
+            except TimeoutError:  # waiting for the model's lock, or a slow step
+                kind, payload = "wait", None
+            if await request.is_disconnected():
+                return
+            if kind == "error":
+                error = {"message": "internal error while generating (see the server log)", "type": "server_error"}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                return
+            if kind == "tokens":
+                for row, token in zip(*payload, strict=True):
+                    token_ids[row].append(token)
+                    text = settled_text(served.tokenizer, token_ids[row], cfg.stop_strings)
+                    if len(text) > len(sent[row]) and text.startswith(sent[row]):
+                        yield content(row, text[len(sent[row]):])
+                        sent[row] = text
+            if kind != "done":
+                continue
+            choices, rollout = payload
+            for i, choice in enumerate(choices):
+                if len(choice.text) > len(sent[i]) and choice.text.startswith(sent[i]):
+                    yield content(i, choice.text[len(sent[i]):])
+                yield event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": choice.finish_reason}])
+            if include_usage:
+                yield event([], usage=_usage(prompt, rollout))
+            yield "data: [DONE]\n\n"
+            return
+    finally:
+        gone.set()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,15 +418,14 @@ def create_app(served: ServedModel, api_key: str | None = None) -> FastAPI:
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions", response_model=None)
-    def chat_completions(req: ChatRequest) -> JSONResponse | StreamingResponse:
+    def chat_completions(req: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
         prompt, cfg = prepare(served, req)
-        choices, rollout = sample(served, prompt, cfg, req.seed)
-        usage = _usage(prompt, rollout)
         if req.stream:
             include = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(stream_events(served, choices, usage if include else None),
+            return StreamingResponse(stream_events(served, prompt, cfg, req.seed, bool(include), request),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return JSONResponse(completion_body(served, choices, usage))
+        choices, rollout = sample(served, prompt, cfg, req.seed)
+        return JSONResponse(completion_body(served, choices, _usage(prompt, rollout)))
 
     return app
 

@@ -249,6 +249,48 @@ def test_fixed_seed_reproduces_other_seed_differs_and_global_rng_is_untouched(ti
     assert first.prompt_ids.shape == (6, max(len(p) for p in prompts))
 
 
+def test_on_step_hears_every_sampled_token_in_order_and_can_stop_generation(tiny):
+    """The streaming hook: per row, the tokens heard are the rollout's masked response tokens (EOS
+    included, across batches), the last one flagged as ended exactly for rows that ended; an exception
+    raised by the hook stops generation."""
+    model, tok, prompts = tiny
+    cfg = GenConfig(temperature=1.0, max_new_tokens=12, num_samples=3, batch_size=4)  # 9 rows, 3 batches
+    heard: dict[int, list[int]] = {}
+    ended_at: dict[int, int] = {}
+
+    def listen(rows: torch.Tensor, tokens: torch.Tensor, ended: torch.Tensor) -> None:
+        assert rows.shape == tokens.shape == ended.shape
+        for row, token, done in zip(rows.tolist(), tokens.tolist(), ended.tolist(), strict=True):
+            assert row not in ended_at  # nothing is heard for a row after it ended
+            heard.setdefault(row, []).append(token)
+            if done:
+                ended_at[row] = len(heard[row])
+
+    rollout = generate(model, tok, prompts, cfg, seed=4, on_step=listen)
+    unheard = generate(model, tok, prompts, cfg, seed=4)
+    for name in ("response_ids", "response_mask", "ended", "logprobs"):  # listening changes nothing
+        assert torch.equal(getattr(rollout, name), getattr(unheard, name)), name
+    for row in range(9):
+        assert heard[row] == rollout.response_ids[row][rollout.response_mask[row].bool()].tolist()
+    assert sorted(ended_at) == rollout.ended.nonzero().flatten().tolist()
+    assert 0 < len(ended_at) < 9  # some rows ended at EOS, others ran to max_new_tokens
+
+    class Enough(Exception):
+        pass
+
+    calls = []
+
+    def stop_after_three(rows: torch.Tensor, tokens: torch.Tensor, ended: torch.Tensor) -> None:
+        calls.append(len(rows))
+        if len(calls) == 3:
+            raise Enough
+
+    model.train()
+    with pytest.raises(Enough):
+        generate(model, tok, prompts, cfg, seed=4, on_step=stop_after_three)
+    assert len(calls) == 3 and model.training  # stopped at once; training mode restored
+
+
 def test_no_seed_draws_from_the_global_rng(tiny):
     model, tok, prompts = tiny
     cfg = GenConfig(temperature=1.0, max_new_tokens=6)

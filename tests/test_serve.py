@@ -5,13 +5,16 @@ prompt and settings; every bad request must be an OpenAI-style 4xx, never a 500.
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from tiny_chat_model import build_tiny_chat_model, serve_process
+from tiny_chat_model import build_tiny_chat_model, free_port, serve_process
 
 from alignloop import serve
 from alignloop.config import GenConfig
@@ -212,3 +215,105 @@ def test_the_serve_command_answers_over_http(model_dir, client, tmp_path):
         assert texts(answer) == texts(chat(client, seed=11, n=2))  # same weights, same seed, another process
         bad = httpx.post(base + URL, json={**body, "n": 0}, headers=auth, timeout=30)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"
+
+
+@pytest.fixture
+def live_server(served: serve.ServedModel) -> Iterator[str]:
+    """The app under uvicorn in a thread on a free port (a real socket: TestClient buffers streamed bodies)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(serve.create_app(served), host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started
+    yield f"http://127.0.0.1:{server.config.port}{URL}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def paused_generation(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """`generate` as the server calls it, but holding at its 8th sampled token until `release` is set;
+    `steps` counts the sampling steps it heard and `finished` is set when it returns or raises."""
+    state: dict[str, Any] = {"release": threading.Event(), "finished": threading.Event(), "steps": 0}
+    real = serve.generate
+
+    def paused(*args: Any, on_step: Any = None, **kwargs: Any) -> Any:
+        def hold(rows, tokens, ended):  # type: ignore[no-untyped-def]
+            state["steps"] += 1
+            if state["steps"] == 8:
+                state["release"].wait(30)
+            time.sleep(state.get("step_seconds", 0.0))
+            on_step(rows, tokens, ended)
+
+        try:
+            return real(*args, on_step=hold if on_step else None, **kwargs)
+        finally:
+            state["finished"].set()
+
+    monkeypatch.setattr(serve, "generate", paused)
+    return state
+
+
+def test_streaming_sends_text_while_generation_is_still_running(live_server, paused_generation, client):
+    body = {"messages": MESSAGES, "max_tokens": 24, "temperature": 0, "stream": True}
+    pieces, running_at_first_piece = [], None
+    with httpx.stream("POST", live_server, json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            delta = json.loads(line[len("data: "):])["choices"]
+            if delta and delta[0]["delta"].get("content"):
+                if running_at_first_piece is None:
+                    running_at_first_piece = not paused_generation["finished"].is_set()
+                    paused_generation["release"].set()
+                pieces.append(delta[0]["delta"]["content"])
+    assert running_at_first_piece is True  # text came while generation was held at its 8th token
+    paused_generation["release"].set()
+    assert "".join(pieces) == texts(chat(client, temperature=0, max_tokens=24))[0]
+
+
+def test_a_client_that_disconnects_stops_the_generation(live_server, paused_generation):
+    body = {"messages": MESSAGES, "max_tokens": 40, "temperature": 1.0, "seed": 3, "stream": True}
+    paused_generation["step_seconds"] = 0.1  # 4 s for the whole answer: time for the server to notice
+    with httpx.stream("POST", live_server, json=body, timeout=60) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())  # the role chunk: generation has started
+    paused_generation["release"].set()  # the client has gone; let generation go on if it would
+    assert paused_generation["finished"].wait(30)
+    assert paused_generation["steps"] < 20, paused_generation["steps"]
+
+
+@pytest.mark.parametrize("text, stops, settled", [
+    ("  hello wor", [], "hello wor"),
+    ("hello   ", [], "hello"),
+    ("hello \ufffd", [], "hello"),
+    ("hello \ufffd world", [], "hello \ufffd world"),
+    ("hello wor", ["world"], "hello "),  # the space stays: the answer is cut at the stop after stripping
+    ("hello world!", ["world"], "hello"),
+    ("hello w", ["xyz", "wo"], "hello "),
+    ("hello x", ["xyz", "wo"], "hello "),
+    ("hello y", ["xyz", "wo"], "hello y"),
+])
+def test_settled_text_holds_back_what_a_later_token_could_change(text, stops, settled):
+    class Decoder:
+        def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+            assert ids == [1, 2] and skip_special_tokens
+            return text
+
+    assert serve.settled_text(Decoder(), [1, 2], stops) == settled  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("stop", [None, ["e ", "th", "\ufffd"], ["ing", " "]])
+def test_streams_over_many_seeds_concatenate_to_the_plain_answers(client, stop):
+    """Sampled tiny-model text (broken UTF-8 included) with multi-character stops: every streamed choice
+    equals the non-streamed one exactly, so nothing sent early was ever wrong."""
+    for seed in range(8):
+        plain = chat(client, seed=seed, n=3, stop=stop, max_tokens=24)
+        chunks, _ = stream(client, seed=seed, n=3, stop=stop, max_tokens=24)
+        for choice in plain["choices"]:
+            mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == choice["index"]]
+            assert "".join(m["delta"].get("content", "") for m in mine) == choice["message"]["content"], (seed, stop)
