@@ -301,20 +301,20 @@ def test_reward_hacking_short_proxy_rises_gold_falls_without_kl_and_not_with_it(
     curves = {}
     for name, coef in (("no_kl", 0.0), ("kl", 1.0)):
         out = tmp_path / name
-        ppo.train(config(assets, out, total_steps=24, **{
+        ppo.train(config(assets, out, total_steps=12, **{
             "run.save_every": 0, "optim.lr": 1e-2, "optim.schedule": "constant", "kl.adaptive": False,
             "kl.init_coef": coef, "reward.source": "python:test_ppo:digits_flattered_proxy", "data.eval_path": assets["eval"],
             "run.eval_every": 6, "reward.eval_sources": ["gold=python:test_ppo:letters_minus_digits_gold"]}))
         lines = (out / "metrics.jsonl").read_text().splitlines()
         curves[name] = [r for r in map(json.loads, lines) if "eval/gold_score" in r]
-        assert [r["step"] for r in curves[name]] == [0, 6, 12, 18, 24]
+        assert [r["step"] for r in curves[name]] == [0, 6, 12]
     free, held = curves["no_kl"], curves["kl"]
     assert free[0]["eval/score"] == held[0]["eval/score"]  # one starting policy, one seed
     assert free[-1]["eval/score"] > free[0]["eval/score"] + 1.0, free
     assert free[-1]["eval/gold_score"] < free[0]["eval/gold_score"] - 0.2, free
     assert abs(held[-1]["eval/score"] - held[0]["eval/score"]) < 0.3, held
     assert held[-1]["eval/gold_score"] > free[-1]["eval/gold_score"] + 0.2, (held, free)
-    last_kl = {name: sum(rows(tmp_path / name)[s]["ppo/kl"] for s in (22, 23, 24)) / 3 for name in curves}
+    last_kl = {name: sum(rows(tmp_path / name)[s]["ppo/kl"] for s in (10, 11, 12)) / 3 for name in curves}
     assert last_kl["kl"] < 0.25 * last_kl["no_kl"], last_kl
 
 
