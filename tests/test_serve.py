@@ -236,7 +236,7 @@ def live_server(served: serve.ServedModel) -> Iterator[str]:
 
 @pytest.fixture
 def paused_generation(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """`generate` as the server calls it, but holding at its 8th sampled token until `release` is set;
+    """`generate` as the server calls it, but holding at its 16th sampled token until `release` is set;
     `steps` counts the sampling steps it heard and `finished` is set when it returns or raises."""
     state: dict[str, Any] = {"release": threading.Event(), "finished": threading.Event(), "steps": 0}
     real = serve.generate
@@ -244,7 +244,7 @@ def paused_generation(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     def paused(*args: Any, on_step: Any = None, **kwargs: Any) -> Any:
         def hold(rows, tokens, ended):  # type: ignore[no-untyped-def]
             state["steps"] += 1
-            if state["steps"] == 8:
+            if state["steps"] == 16:
                 state["release"].wait(30)
             time.sleep(state.get("step_seconds", 0.0))
             on_step(rows, tokens, ended)
@@ -259,7 +259,7 @@ def paused_generation(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 
 def test_streaming_sends_text_while_generation_is_still_running(live_server, paused_generation, client):
-    body = {"messages": MESSAGES, "max_tokens": 24, "temperature": 0, "stream": True}
+    body = {"messages": MESSAGES, "max_tokens": 32, "temperature": 0, "stream": True}
     pieces, running_at_first_piece = [], None
     with httpx.stream("POST", live_server, json=body, timeout=60) as response:
         for line in response.iter_lines():
@@ -271,9 +271,9 @@ def test_streaming_sends_text_while_generation_is_still_running(live_server, pau
                     running_at_first_piece = not paused_generation["finished"].is_set()
                     paused_generation["release"].set()
                 pieces.append(delta[0]["delta"]["content"])
-    assert running_at_first_piece is True  # text came while generation was held at its 8th token
+    assert running_at_first_piece is True  # text came while generation was held at its 16th token
     paused_generation["release"].set()
-    assert "".join(pieces) == texts(chat(client, temperature=0, max_tokens=24))[0]
+    assert "".join(pieces) == texts(chat(client, temperature=0, max_tokens=32))[0]
 
 
 def test_a_client_that_disconnects_stops_the_generation(live_server, paused_generation):
