@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file, save_model
 
 from alignloop import runtime
+from alignloop.files import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def _write_checkpoint(final: Path, models: dict[str, torch.nn.Module], stateful:
     root = final.parent
     if not root.is_dir():
         root.mkdir(parents=True)
-        runtime.fsync_dir(root.parent)
+        fsync_dir(root.parent)
     _remove_stale_tmp(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     tmp.chmod(0o755)  # mkdtemp makes it private
@@ -212,12 +213,12 @@ def _write_checkpoint(final: Path, models: dict[str, torch.nn.Module], stateful:
                     "step": state["step"], "time": runtime.utc_now(), "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         runtime.file_digest(tmp / MANIFEST, sync=True)
-        runtime.fsync_dir(tmp)
+        fsync_dir(tmp)
         _test_pause()
         if final.exists():
             _discard(final)
         os.replace(tmp, final)
-        runtime.fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -251,7 +252,7 @@ def _discard(path: Path) -> None:
     """Rename `path` to a `.tmp-*` name first, so a kill during deletion never leaves a half checkpoint."""
     doomed = path.parent / f".tmp-discard-{path.name}-{os.urandom(4).hex()}"
     os.replace(path, doomed)
-    runtime.fsync_dir(path.parent)
+    fsync_dir(path.parent)
     shutil.rmtree(doomed, ignore_errors=True)
 
 

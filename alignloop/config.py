@@ -360,7 +360,7 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None, overrides: li
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from alignloop.runtime import atomic_write_text
+    from alignloop.files import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

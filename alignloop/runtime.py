@@ -3,7 +3,6 @@ non-finite guard. Checkpoints live in `checkpoint.py`."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -14,13 +13,14 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from alignloop.files import atomic_write_text
 
 if TYPE_CHECKING:
     from alignloop.config import OptimConfig
@@ -216,38 +216,6 @@ def progress(total: int | None, desc: str, *, disable: bool = False, initial: in
 
 
 # ----------------------------------------------------------------------------- atomic files
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` atomically: temp file in the same directory, fsync, os.replace, fsync dir."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """`atomic_write_text` of `obj` as indented JSON (NaN and inf allowed)."""
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def file_digest(path: Path, *, sync: bool = False) -> dict[str, Any]:

@@ -386,6 +386,8 @@ def cmd_all(a: argparse.Namespace) -> None:
     trl_py = {"main": Path(a.trl_envs) / "venv/bin/python", "ppo": Path(a.trl_envs) / "venv-ppo/bin/python"} if a.trl_envs else {}
     if trl_py and not all(p.exists() for p in trl_py.values()):
         raise SystemExit(f"--trl-envs {a.trl_envs}: expected venv/bin/python and venv-ppo/bin/python (bench/trl/setup.sh)")
+    if a.ours_python and not os.access(a.ours_python, os.X_OK):
+        raise SystemExit(f"--ours-python {a.ours_python}: not an executable interpreter")
     out = Path(a.out)
     results: dict[str, Any] = {"spec": "v1", "machine": rb.machine_info(), "command": " ".join(sys.argv), "runs": []}
     if a.resume and out.exists():

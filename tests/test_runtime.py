@@ -18,13 +18,12 @@ import torch
 from torch import nn
 
 from alignloop.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from alignloop.files import atomic_write_json, atomic_write_text
 from alignloop.runtime import (
     MetricsLogger,
     NonFiniteError,
     NonFiniteGuard,
     all_reduce_mean,
-    atomic_write_json,
-    atomic_write_text,
     capture_rng_state,
     is_main_process,
     progress,

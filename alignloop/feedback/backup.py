@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from alignloop.feedback.db import Assignment, Base, Database, Label, normalise_url
+from alignloop.files import fsync_dir
 
 
 class BackupError(RuntimeError):
@@ -77,7 +78,7 @@ def backup(database: Database, out: Path) -> dict[str, Any]:
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     return {"out": str(out), "database": database.dialect, "bytes": out.stat().st_size,
             **({"rows": counts} if counts else {})}
 
@@ -128,12 +129,3 @@ def _pg_dump(database: Database, tmp: Path) -> dict[str, int]:
     if listed.returncode != 0 or "TABLE DATA public labels" not in listed.stdout:
         raise BackupError(f"pg_restore cannot read the dump: {listed.stderr.strip()}")
     return {}
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable (the directory entry is data too)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

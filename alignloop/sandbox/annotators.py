@@ -334,7 +334,7 @@ def write_preference_files(world: World, out: Path, per_prompt: int, panel_cfg: 
     """Ask the world's panel (or one built from `panel_cfg`) for `per_prompt` comparisons per training and
     held-out prompt and write `prefs_train.jsonl` / `prefs_eval.jsonl` under `out` (each record's meta also
     names the prompt kind, so an evaluation can report accuracy by kind)."""
-    from alignloop.runtime import atomic_write_text
+    from alignloop.files import atomic_write_text
 
     panel = Panel(world, panel_cfg)
     written = {}

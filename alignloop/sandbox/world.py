@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alignloop.data import Message, Prompt, SFTExample
-from alignloop.runtime import atomic_write_text
+from alignloop.files import atomic_write_text
 
 if TYPE_CHECKING:
     from alignloop.sandbox.judge import GoldJudge

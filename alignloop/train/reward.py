@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from alignloop import checkpoint, runtime
+from alignloop import checkpoint, files, runtime
 from alignloop.config import (
     BatchConfig,
     ConfigError,
@@ -419,7 +419,7 @@ def train(cfg: RewardConfig, *, models: tuple[Any, Any] | None = None,
             eval_scores = score_pairs(unwrapped, reference, tokenizer.pad_token_id, cfg.batch.eval_batch_size, acc.device)
         stats = reward_statistics(*eval_scores)  # the final model's held-out scores (computed once)
         save_pretrained(unwrapped, tokenizer, final_dir)
-        runtime.atomic_write_json(final_dir / "reward_stats.json", {**stats, "ensemble_size": cfg.ensemble_size})
+        files.atomic_write_json(final_dir / "reward_stats.json", {**stats, "ensemble_size": cfg.ensemble_size})
         runtime.write_run_manifest(run_dir, command="reward", config=to_dict(cfg),
                                    extra={"steps": step, "stopped_early": stopped_early, **last})
     acc.wait_for_everyone()
