@@ -1,6 +1,6 @@
 """Server-side render time of the feedback app's busiest pages on a big project.
 
-Builds one pairwise project with N items (imported through `services.import_items`) and M labels
+Builds one project (pairwise by default; `--task rank` or `rate`) with N items (imported through `services.import_items`) and M labels
 (bulk-inserted assignments and labels spread over annotators, a few of them skips), then requests each
 page R times in-process (FastAPI's TestClient, after warm-up) as a logged-in user and reports the
 server-side time the app's access log measured (median and p95) and the client-side time. Target: the
@@ -15,6 +15,7 @@ freshly loaded tables for empty, and without a visibility map index-only scans s
     python benchmarks/feedback_pages.py --database-url postgresql+psycopg://postgres@127.0.0.1/bench
     python benchmarks/feedback_pages.py --database-url ... --no-analyse  # PostgreSQL without statistics
     python benchmarks/feedback_pages.py --items 50 --labels 100 --requests 5   # seconds, for a smoke test
+    python benchmarks/feedback_pages.py --task rank                      # 4-way rankings (rate: 1-5 ratings)
 
 A PostgreSQL database should be empty or hold only earlier benchmark runs (names are made unique).
 """
@@ -40,7 +41,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from alignloop.feedback import auth, migrations, records, security, services
+from alignloop.feedback import auth, migrations, quality, records, security, services
 from alignloop.feedback.app import create_app
 from alignloop.feedback.db import Assignment, Database, Item, Label, utcnow
 from alignloop.feedback.settings import Settings
@@ -48,6 +49,7 @@ from alignloop.feedback.settings import Settings
 TARGET_MS = 100.0
 PASSWORD = "benchmark-password-1"
 STRENGTHS = ("much better", "better", "slightly better")
+RANKED = 4  # responses per item of a rank project
 
 
 def settings_for(url: str) -> Settings:
@@ -56,15 +58,25 @@ def settings_for(url: str) -> Settings:
                     argon2_memory_kib=19456, argon2_time_cost=2, argon2_parallelism=1)
 
 
-def _item_rows(n: int) -> Iterator[tuple[int, dict[str, Any]]]:
+def _item_rows(n: int, task: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    n_responses = {"pairwise": 2, "rank": RANKED, "rate": 1}[task]
     for i in range(n):
         yield i + 1, {"id": f"b{i:06d}", "prompt": f"Benchmark question {i}: explain item {i} in two sentences.",
-                      "responses": [{"text": f"First answer to {i}. " * 8, "model": "policy", "version": "step-1"},
-                                    {"text": f"Second answer to {i}. " * 8, "model": "reference", "version": "v0"}]}
+                      "responses": [{"text": f"Answer {r + 1} to {i}. " * 8, "model": "policy", "version": f"step-{r}"}
+                                    for r in range(n_responses)]}
+
+
+def _answer(task: str, rng: random.Random) -> tuple[list[int], dict[str, Any]]:
+    """(presented order, label columns) of one non-skipped rank or rate answer."""
+    if task == "rank":
+        order = rng.sample(range(RANKED), RANKED)
+        return order, {"answer": {"ranking": rng.sample(range(RANKED), RANKED)}}
+    scores = {axis: rng.randint(1, 5) for axis in ("helpful", "honest", "harmless")}
+    return [0], {"answer": {"scores": scores, "flags": ["unsafe"] if rng.random() < 0.05 else []}}
 
 
 def build(database: Database, settings: Settings, n_items: int, n_labels: int, n_annotators: int,
-          seed: int = 0) -> dict[str, Any]:
+          seed: int = 0, task: str = "pairwise") -> dict[str, Any]:
     """The project, its users and labels; returns ids and names for the requests, and build times."""
     rng = random.Random(seed)
     tag = secrets.token_hex(3)
@@ -77,10 +89,10 @@ def build(database: Database, settings: Settings, n_items: int, n_labels: int, n
         admin = auth.create_user(db, hasher, f"bench-admin-{tag}", PASSWORD, "admin")
         annotators = [auth.create_user(db, hasher, f"bench-a{k}-{tag}", PASSWORD, "annotator") for k in range(n_annotators)]
         # k is one more than the votes an item gets, so every annotator still has items to label.
-        project = services.create_project(db, f"bench-{tag}", "Pick the more helpful answer.", per_item + 1)
+        project = services.create_project(db, f"bench-{tag}", "Pick the more helpful answer.", per_item + 1, task)
         for user in annotators:
             services.add_member(db, project, user.username)
-        services.import_items(db, project, records.parse_items(_item_rows(n_items), "benchmark"), "benchmark")
+        services.import_items(db, project, records.parse_items(_item_rows(n_items, task), "benchmark", task), "benchmark")
         item_ids = list(db.execute(sa.select(Item.id).where(Item.project_id == project.id).order_by(Item.id)).scalars())
     t_items = time.perf_counter() - t0
 
@@ -92,14 +104,21 @@ def build(database: Database, settings: Settings, n_items: int, n_labels: int, n
         user = annotators[(i + r) % n_annotators]
         order = rng.sample([0, 1], 2)
         skipped = rng.random() < 0.02
+        if task != "pairwise":
+            order, answer = _answer(task, rng)
         when = now - dt.timedelta(seconds=n_labels - j)
         assignments.append({"project_id": project.id, "item_id": item_ids[i], "user_id": user.id, "presented_order": order,
                             "status": "skipped" if skipped else "done", "created_at": when, "updated_at": when})
         displayed = rng.choice(("left", "left", "right", "right", "tie"))
-        vote = {"choice": None, "strength": None, "displayed_choice": None, "skip_reason": "not sure"} if skipped else {
-            "choice": "tie" if displayed == "tie" else ("a", "b")[order[0] if displayed == "left" else order[1]],
-            "strength": None if displayed == "tie" else rng.choice(STRENGTHS), "displayed_choice": displayed,
-            "skip_reason": None}
+        if task != "pairwise":
+            vote = {"choice": None, "strength": None, "displayed_choice": None,
+                    "skip_reason": "not sure" if skipped else None, "answer": None if skipped else answer["answer"]}
+        elif skipped:
+            vote = {"choice": None, "strength": None, "displayed_choice": None, "skip_reason": "not sure"}
+        else:
+            vote = {"choice": "tie" if displayed == "tie" else ("a", "b")[order[0] if displayed == "left" else order[1]],
+                    "strength": None if displayed == "tie" else rng.choice(STRENGTHS), "displayed_choice": displayed,
+                    "skip_reason": None}
         labels.append({"project_id": project.id, "item_id": item_ids[i], "user_id": user.id, "presented_order": order,
                        "idempotency_key": f"bench-{j}", "time_spent_ms": rng.randint(2_000, 60_000), "created_at": when,
                        **vote})
@@ -146,8 +165,9 @@ def p95(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
 
 
-def measure(app: Any, username: str, path: str, n: int, warmup: int = 3) -> dict[str, float]:
-    """Median and p95 of server-side (access log) and client-side milliseconds over `n` GETs of `path`."""
+def measure(app: Any, username: str, path: str, n: int, warmup: int = 3, cold: bool = False) -> dict[str, float]:
+    """Median and p95 of server-side (access log) and client-side milliseconds over `n` GETs of `path`;
+    `cold`: the quality figures' per-process cache is emptied before each request (a page right after new labels)."""
     from fastapi.testclient import TestClient
 
     ctx = app.state.ctx
@@ -160,6 +180,8 @@ def measure(app: Any, username: str, path: str, n: int, warmup: int = 3) -> dict
         client_ms = []
         with access_times() as times:
             for _ in range(n):
+                if cold:
+                    quality.clear_label_cache()
                 t0 = time.perf_counter()
                 response = client.get(path)
                 client_ms.append(1000 * (time.perf_counter() - t0))
@@ -169,18 +191,21 @@ def measure(app: Any, username: str, path: str, n: int, warmup: int = 3) -> dict
             "client_median_ms": statistics.median(client_ms)}
 
 
-def pages(app: Any, info: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
-    """(name, user, path, has the 100 ms target) of each page measured; the dashboard if the app has one."""
+def pages(app: Any, info: dict[str, Any]) -> list[tuple[str, str, str, bool, bool]]:
+    """(name, user, path, has the 100 ms target, cold) of each page measured; the dashboard if the app has one.
+    Cold rows empty the quality cache before each request: the time a page takes right after new labels."""
     pid = info["project_id"]
-    out = [("annotator task page", info["annotator"], f"/annotate/{pid}", True),
-           ("admin project page", info["admin"], f"/admin/projects/{pid}", True),
-           ("annotator home", info["annotator"], "/annotate", False),
-           ("admin home", info["admin"], "/admin", False)]
+    out = [("annotator task page", info["annotator"], f"/annotate/{pid}", True, False),
+           ("admin project page", info["admin"], f"/admin/projects/{pid}", True, False),
+           ("admin project page, cold", info["admin"], f"/admin/projects/{pid}", False, True),
+           ("annotator home", info["annotator"], "/annotate", False, False),
+           ("admin home", info["admin"], "/admin", False, False)]
     paths = {getattr(r, "path", "") for r in _all_routes(app)}
     if "/admin/projects/{project_id}/dashboard" in paths:
-        out.append(("admin quality dashboard", info["admin"], f"/admin/projects/{pid}/dashboard", True))
+        out.append(("admin quality dashboard", info["admin"], f"/admin/projects/{pid}/dashboard", True, False))
+        out.append(("admin quality dashboard, cold", info["admin"], f"/admin/projects/{pid}/dashboard", False, True))
     if "/api/v1/projects/{project_id}/quality" in paths:
-        out.append(("quality API (JSON)", info["admin"], f"/api/v1/projects/{pid}/quality", True))
+        out.append(("quality API (JSON)", info["admin"], f"/api/v1/projects/{pid}/quality", True, False))
     return out
 
 
@@ -193,11 +218,11 @@ def _all_routes(app: Any) -> list[Any]:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = f"{'page':<26}{'requests':>9}{'server median ms':>18}{'server p95 ms':>15}{'client median ms':>18}  target"
+    head = f"{'page':<31}{'requests':>9}{'server median ms':>18}{'server p95 ms':>15}{'client median ms':>18}  target"
     lines = [head, "-" * len(head)]
     for r in results:
         verdict = ("ok" if r["server_median_ms"] < TARGET_MS else "OVER") if r["target"] else "-"
-        lines.append(f"{r['page']:<26}{r['requests']:>9}{r['server_median_ms']:>18.1f}{r['server_p95_ms']:>15.1f}"
+        lines.append(f"{r['page']:<31}{r['requests']:>9}{r['server_median_ms']:>18.1f}{r['server_p95_ms']:>15.1f}"
                      f"{r['client_median_ms']:>18.1f}  {f'< {TARGET_MS:.0f} ms: {verdict}' if r['target'] else verdict}")
     return "\n".join(lines)
 
@@ -207,22 +232,22 @@ def _loads(values: tuple[float, ...]) -> str:
 
 
 def run(url: str, n_items: int, n_labels: int, n_requests: int, n_annotators: int,
-        analyse: bool = True) -> dict[str, Any]:
+        analyse: bool = True, task: str = "pairwise") -> dict[str, Any]:
     settings = settings_for(url)
     database = Database(url)
     try:
         migrations.upgrade(database.engine)
-        info = build(database, settings, n_items, n_labels, n_annotators)
+        info = build(database, settings, n_items, n_labels, n_annotators, task=task)
         if analyse and database.dialect == "postgresql":
             with database.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 conn.exec_driver_sql("VACUUM ANALYZE")
         load_before = os.getloadavg()
         app = create_app(settings, database=database)
-        results = [{"page": name, "path": path, "target": target, **measure(app, user, path, n_requests)}
-                   for name, user, path, target in pages(app, info)]
+        results = [{"page": name, "path": path, "target": target, **measure(app, user, path, n_requests, cold=cold)}
+                   for name, user, path, target, cold in pages(app, info)]
     finally:
         database.dispose()
-    return {"database": database.dialect, "items": n_items, "labels": n_labels, "annotators": n_annotators,
+    return {"database": database.dialect, "task": task, "items": n_items, "labels": n_labels, "annotators": n_annotators,
             "analysed": analyse and database.dialect == "postgresql",
             "build_items_s": info["build_items_s"], "build_labels_s": info["build_labels_s"], "results": results,
             "load_average": {"before": load_before, "after": os.getloadavg()}}
@@ -233,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--labels", type=int, default=50_000)
     parser.add_argument("--annotators", type=int, default=10)
+    parser.add_argument("--task", choices=("pairwise", "rank", "rate"), default="pairwise", help="the project's task")
     parser.add_argument("--requests", type=int, default=50, help="timed requests per page (after 3 warm-up ones)")
     parser.add_argument("--database-url", default="", help="default: SQLite in a temporary folder")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -242,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="alignloop-bench-") as tmp:
         url = args.database_url or f"sqlite:///{Path(tmp) / 'bench.db'}"
-        out = run(url, args.items, args.labels, args.requests, args.annotators, args.analyse)
-    print(f"feedback pages on {out['database']}: {out['items']} items, {out['labels']} labels, "
+        out = run(url, args.items, args.labels, args.requests, args.annotators, args.analyse, args.task)
+    print(f"feedback pages on {out['database']}: {out['task']} project, {out['items']} items, {out['labels']} labels, "
           f"{out['annotators']} annotators (built in {out['build_items_s']:.1f} s + {out['build_labels_s']:.1f} s"
           f"{', then VACUUM ANALYZE' if out['analysed'] else ''})")
     load = out["load_average"]

@@ -320,7 +320,7 @@ def test_chat_figures_equal_the_definition(app: FastAPI) -> None:
 
 
 def test_dashboard_is_live(app: FastAPI) -> None:
-    """Each load counts again: a new label shows at once (nothing is cached)."""
+    """A new label shows at once (the cached figures are keyed on the labels' version)."""
     pid = _pairwise_project(app)
     add_user(app, "boss", "admin")
     add_user(app, "a4")
@@ -334,6 +334,55 @@ def test_dashboard_is_live(app: FastAPI) -> None:
     assert {p["annotator"]: p["median_ms"] for p in after["annotators"]}["a4"] == 50
     assert before["agreement"]["krippendorff_alpha"] != after["agreement"]["krippendorff_alpha"]
     assert "18 answers" in admin.get(f"/admin/projects/{pid}/dashboard").text
+
+
+def test_cached_figures_follow_every_change(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Label-derived figures are read once per labels_version: unchanged labels reuse them (the JSON of rank
+    answers is not unnested again), while an undone answer, a skip, and an undone skip answered again each
+    give the figures of the database as it is then."""
+    pid = _random_project(app, "rank", seed=11)
+    reads: list[int] = []
+    read_units = quality._read_units
+    monkeypatch.setattr(quality, "_read_units", lambda db, project: reads.append(project.id) or read_units(db, project))
+    quality.clear_label_cache()
+
+    def check(expected_reads: int) -> dict[str, Any]:
+        with ctx(app).database.read() as db:
+            project = services.admin_project(db, pid)
+            got, progress = quality.project_quality(db, project), quality.project_progress(db, project)
+            assert_same_figures(got, _reference_quality(db, project))
+            assert_same_figures(progress, _reference_progress(db, project))
+        assert len(reads) == expected_reads
+        return got
+
+    first = check(1)
+    check(1)  # nothing changed: no second read
+    with ctx(app).database.write() as db:
+        project = db.get(Project, pid)
+        assert project is not None
+        label = db.execute(sa.select(Label).where(Label.project_id == pid, services.active_answers())
+                           .order_by(Label.id.desc()).limit(1)).scalar_one()
+        services.undo_last(db, project, label.user_id)
+    after_undo = check(2)
+    assert after_undo["answers"] == first["answers"] - 1
+    with ctx(app).database.write() as db:
+        project = db.get(Project, pid)
+        assert project is not None
+        user_id = label.user_id
+        assignment = services.next_assignment(db, project, user_id, 60)
+        assert assignment is not None
+        services.skip(db, project, user_id, assignment.id, "unsure", None, "cache-skip")
+    check(3)
+    with ctx(app).database.write() as db:  # the skip undone, the item is answered instead
+        project = db.get(Project, pid)
+        assert project is not None
+        services.undo_last(db, project, user_id)
+        assignment = services.next_assignment(db, project, user_id, 60)
+        assert assignment is not None
+        n = len(db.get(Item, assignment.item_id).responses)  # type: ignore[union-attr]
+        services.submit_answer(db, project, user_id, assignment.id, "rank",
+                               {"ranking": ",".join(str(d) for d in range(n, 0, -1))}, 1234, "cache-answer")
+    assert check(4)["answers"] == first["answers"]
 
 
 @pytest.mark.parametrize("scale", [1, 10**6])
