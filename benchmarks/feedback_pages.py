@@ -34,7 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -101,27 +101,10 @@ def build(database: Database, settings: Settings, n_items: int, n_labels: int, n
     assignments, labels = [], []
     for j in range(n_labels):  # label j: item j mod N, by annotator (item + round) mod A, distinct per item
         i, r = j % n_items, j // n_items
-        user = annotators[(i + r) % n_annotators]
-        order = rng.sample([0, 1], 2)
-        skipped = rng.random() < 0.02
-        if task != "pairwise":
-            order, answer = _answer(task, rng)
         when = now - dt.timedelta(seconds=n_labels - j)
-        assignments.append({"project_id": project.id, "item_id": item_ids[i], "user_id": user.id, "presented_order": order,
-                            "status": "skipped" if skipped else "done", "created_at": when, "updated_at": when})
-        displayed = rng.choice(("left", "left", "right", "right", "tie"))
-        if task != "pairwise":
-            vote = {"choice": None, "strength": None, "displayed_choice": None,
-                    "skip_reason": "not sure" if skipped else None, "answer": None if skipped else answer["answer"]}
-        elif skipped:
-            vote = {"choice": None, "strength": None, "displayed_choice": None, "skip_reason": "not sure"}
-        else:
-            vote = {"choice": "tie" if displayed == "tie" else ("a", "b")[order[0] if displayed == "left" else order[1]],
-                    "strength": None if displayed == "tie" else rng.choice(STRENGTHS), "displayed_choice": displayed,
-                    "skip_reason": None}
-        labels.append({"project_id": project.id, "item_id": item_ids[i], "user_id": user.id, "presented_order": order,
-                       "idempotency_key": f"bench-{j}", "time_spent_ms": rng.randint(2_000, 60_000), "created_at": when,
-                       **vote})
+        assignment, label = _label_rows(project.id, item_ids[i], annotators[(i + r) % n_annotators].id, j, when, task, rng)
+        assignments.append(assignment)
+        labels.append(label)
     with database.write() as db:
         for start in range(0, n_labels, 5000):
             chunk = assignments[start:start + 5000]
@@ -131,7 +114,44 @@ def build(database: Database, settings: Settings, n_items: int, n_labels: int, n
             db.execute(sa.insert(Label), labels[start:start + 5000])
     t_labels = time.perf_counter() - t0
     return {"project_id": project.id, "admin": admin.username, "annotator": annotators[0].username,
-            "build_items_s": t_items, "build_labels_s": t_labels}
+            "build_items_s": t_items, "build_labels_s": t_labels, "task": task, "item_ids": item_ids,
+            "annotator_ids": [a.id for a in annotators], "per_item": per_item, "added": 0, "rng": rng}
+
+
+def _label_rows(project_id: int, item_id: int, user_id: int, j: int, when: dt.datetime, task: str,
+                rng: random.Random) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The assignment and label rows of benchmark label j (2% skips)."""
+    order = rng.sample([0, 1], 2)
+    skipped = rng.random() < 0.02
+    if task != "pairwise":
+        order, answer = _answer(task, rng)
+    assignment = {"project_id": project_id, "item_id": item_id, "user_id": user_id, "presented_order": order,
+                  "status": "skipped" if skipped else "done", "created_at": when, "updated_at": when}
+    displayed = rng.choice(("left", "left", "right", "right", "tie"))
+    if task != "pairwise":
+        vote = {"choice": None, "strength": None, "displayed_choice": None,
+                "skip_reason": "not sure" if skipped else None, "answer": None if skipped else answer["answer"]}
+    elif skipped:
+        vote = {"choice": None, "strength": None, "displayed_choice": None, "skip_reason": "not sure"}
+    else:
+        vote = {"choice": "tie" if displayed == "tie" else ("a", "b")[order[0] if displayed == "left" else order[1]],
+                "strength": None if displayed == "tie" else rng.choice(STRENGTHS), "displayed_choice": displayed,
+                "skip_reason": None}
+    label = {"project_id": project_id, "item_id": item_id, "user_id": user_id, "presented_order": order,
+             "idempotency_key": f"bench-{j}", "time_spent_ms": rng.randint(2_000, 60_000), "created_at": when, **vote}
+    return assignment, label
+
+
+def add_label(database: Database, info: dict[str, Any]) -> None:
+    """One more label, as an annotator's submit adds it: item k by an annotator who has not labelled it yet."""
+    k = info["added"]
+    info["added"] += 1
+    item_id = info["item_ids"][k % len(info["item_ids"])]
+    user_id = info["annotator_ids"][(k + info["per_item"]) % len(info["annotator_ids"])]
+    assignment, label = _label_rows(info["project_id"], item_id, user_id, 10**9 + k, utcnow(), info["task"], info["rng"])
+    with database.write() as db:
+        label["assignment_id"] = db.execute(sa.insert(Assignment).returning(Assignment.id), assignment).scalar_one()
+        db.execute(sa.insert(Label), label)
 
 
 class AccessTimes(logging.Handler):
@@ -165,9 +185,10 @@ def p95(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
 
 
-def measure(app: Any, username: str, path: str, n: int, warmup: int = 3, cold: bool = False) -> dict[str, float]:
+def measure(app: Any, username: str, path: str, n: int, warmup: int = 3,
+            before: Callable[[], None] | None = None) -> dict[str, float]:
     """Median and p95 of server-side (access log) and client-side milliseconds over `n` GETs of `path`;
-    `cold`: the quality figures' per-process cache is emptied before each request (a page right after new labels)."""
+    `before()` runs before each timed request (empty the quality cache, add a label)."""
     from fastapi.testclient import TestClient
 
     ctx = app.state.ctx
@@ -180,8 +201,8 @@ def measure(app: Any, username: str, path: str, n: int, warmup: int = 3, cold: b
         client_ms = []
         with access_times() as times:
             for _ in range(n):
-                if cold:
-                    quality.clear_label_cache()
+                if before is not None:
+                    before()
                 t0 = time.perf_counter()
                 response = client.get(path)
                 client_ms.append(1000 * (time.perf_counter() - t0))
@@ -191,21 +212,30 @@ def measure(app: Any, username: str, path: str, n: int, warmup: int = 3, cold: b
             "client_median_ms": statistics.median(client_ms)}
 
 
-def pages(app: Any, info: dict[str, Any]) -> list[tuple[str, str, str, bool, bool]]:
-    """(name, user, path, has the 100 ms target, cold) of each page measured; the dashboard if the app has one.
-    Cold rows empty the quality cache before each request: the time a page takes right after new labels."""
-    pid = info["project_id"]
-    out = [("annotator task page", info["annotator"], f"/annotate/{pid}", True, False),
-           ("admin project page", info["admin"], f"/admin/projects/{pid}", True, False),
-           ("admin project page, cold", info["admin"], f"/admin/projects/{pid}", False, True),
-           ("annotator home", info["annotator"], "/annotate", False, False),
-           ("admin home", info["admin"], "/admin", False, False)]
+def pages(app: Any, info: dict[str, Any]) -> list[tuple[str, str, str, bool, Callable[[], None] | None]]:
+    """(name, user, path, has the 100 ms target, what runs before each request) of each page measured; the
+    dashboard if the app has one. "Cold" rows empty the quality cache first (a page after an undo, or a
+    process's first view); "new label" rows add one label first (a page on a project being labelled)."""
+    pid, database = info["project_id"], app.state.ctx.database
+
+    def new_label() -> None:
+        add_label(database, info)
+
+    out: list[tuple[str, str, str, bool, Callable[[], None] | None]] = [
+        ("annotator task page", info["annotator"], f"/annotate/{pid}", True, None),
+        ("admin project page", info["admin"], f"/admin/projects/{pid}", True, None),
+        ("admin project page, cold", info["admin"], f"/admin/projects/{pid}", False, quality.clear_label_cache),
+        ("admin project page, new label", info["admin"], f"/admin/projects/{pid}", False, new_label),
+        ("annotator home", info["annotator"], "/annotate", False, None),
+        ("admin home", info["admin"], "/admin", False, None)]
     paths = {getattr(r, "path", "") for r in _all_routes(app)}
     if "/admin/projects/{project_id}/dashboard" in paths:
-        out.append(("admin quality dashboard", info["admin"], f"/admin/projects/{pid}/dashboard", True, False))
-        out.append(("admin quality dashboard, cold", info["admin"], f"/admin/projects/{pid}/dashboard", False, True))
+        dashboard = f"/admin/projects/{pid}/dashboard"
+        out += [("admin quality dashboard", info["admin"], dashboard, True, None),
+                ("admin quality dashboard, cold", info["admin"], dashboard, False, quality.clear_label_cache),
+                ("admin quality dashboard, new label", info["admin"], dashboard, False, new_label)]
     if "/api/v1/projects/{project_id}/quality" in paths:
-        out.append(("quality API (JSON)", info["admin"], f"/api/v1/projects/{pid}/quality", True, False))
+        out.append(("quality API (JSON)", info["admin"], f"/api/v1/projects/{pid}/quality", True, None))
     return out
 
 
@@ -218,11 +248,11 @@ def _all_routes(app: Any) -> list[Any]:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = f"{'page':<31}{'requests':>9}{'server median ms':>18}{'server p95 ms':>15}{'client median ms':>18}  target"
+    head = f"{'page':<36}{'requests':>9}{'server median ms':>18}{'server p95 ms':>15}{'client median ms':>18}  target"
     lines = [head, "-" * len(head)]
     for r in results:
         verdict = ("ok" if r["server_median_ms"] < TARGET_MS else "OVER") if r["target"] else "-"
-        lines.append(f"{r['page']:<31}{r['requests']:>9}{r['server_median_ms']:>18.1f}{r['server_p95_ms']:>15.1f}"
+        lines.append(f"{r['page']:<36}{r['requests']:>9}{r['server_median_ms']:>18.1f}{r['server_p95_ms']:>15.1f}"
                      f"{r['client_median_ms']:>18.1f}  {f'< {TARGET_MS:.0f} ms: {verdict}' if r['target'] else verdict}")
     return "\n".join(lines)
 
@@ -243,8 +273,8 @@ def run(url: str, n_items: int, n_labels: int, n_requests: int, n_annotators: in
                 conn.exec_driver_sql("VACUUM ANALYZE")
         load_before = os.getloadavg()
         app = create_app(settings, database=database)
-        results = [{"page": name, "path": path, "target": target, **measure(app, user, path, n_requests, cold=cold)}
-                   for name, user, path, target, cold in pages(app, info)]
+        results = [{"page": name, "path": path, "target": target, **measure(app, user, path, n_requests, before=before)}
+                   for name, user, path, target, before in pages(app, info)]
     finally:
         database.dispose()
     return {"database": database.dialect, "task": task, "items": n_items, "labels": n_labels, "annotators": n_annotators,

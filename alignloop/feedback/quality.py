@@ -191,8 +191,8 @@ def project_quality(db: Session, project: Project) -> dict[str, Any]:
     units = _units(db, project, version)
     table = units.table(n_cats)
     consensus, gold = _consensus(task, units, table), _gold_hits(db, project, units)
-    medians = _cached(db, project, version, "median_ms", lambda: _median_ms(
-        db, project, {user_id: counts[3] for user_id, counts in per_person.items()}))
+    medians = _cached(db, project, version, "median_ms", lambda _after, upto: _median_ms(
+        db, project, {user_id: counts[3] for user_id, counts in per_person.items()}, upto))
     people = []
     for user_id, name in names.items():
         answers, chose_first, votes, _ = per_person[user_id]
@@ -345,7 +345,10 @@ def _gold_hits(db: Session, project: Project, units: Units) -> dict[int, tuple[i
 # (undo sets undone_at), so any change raises the largest label id or moves a label out of the active
 # answers or skips: (largest id, labels, active answers, active skips) is a version, read from three
 # index-only counts. Rank and rate units are unnested from each answer's JSON, 0.3-0.7 s at 50,000
-# answers on a 2-core VM; a page that finds the version unchanged skips that work.
+# answers on a 2-core VM; a page that finds the version unchanged skips that work, and one that finds only
+# new labels (the same number undone) reads just those and adds them. Every read is bounded by the
+# version's largest id, so a label committed between the version and the read (PostgreSQL's read committed
+# sees it) is never counted twice: it is read with the next version.
 
 LABEL_CACHE_SIZE = 32
 """How many (project, figure) entries a process keeps."""
@@ -370,15 +373,31 @@ def labels_version(db: Session, project: Project) -> tuple[Any, ...]:
     return (project.created_at, newest, total, active, skips)
 
 
-def _cached(db: Session, project: Project, version: tuple[Any, ...], figure: str, compute: Callable[[], Any]) -> Any:
-    """`compute()`, or its value from an earlier call at the same `labels_version`."""
+def _undone(version: tuple[Any, ...]) -> int:
+    _, _, total, active, skips = version
+    return int(total) - int(active) - int(skips)
+
+
+def _only_added(old: tuple[Any, ...], new: tuple[Any, ...]) -> bool:
+    """Whether the labels at `new` are those at `old` plus labels with larger ids (nothing undone since)."""
+    return (old[0] == new[0] and old[1] is not None and new[1] is not None and new[1] > old[1]
+            and _undone(old) == _undone(new))
+
+
+def _cached(db: Session, project: Project, version: tuple[Any, ...], figure: str,
+            compute: Callable[[Any, Any], Any], extend: Callable[[Any, Any, Any], Any] | None = None) -> Any:
+    """The figure at `labels_version` `version`: from the cache when it is unchanged, `extend(value, after,
+    upto)` of the cached value when labels were only added (ids after..upto), else `compute(None, upto)`."""
     key = (str(db.get_bind().engine.url), project.id, figure)
     with _label_cache_lock:
         hit = _label_cache.get(key)
         if hit is not None and hit[0] == version:
             _label_cache.move_to_end(key)
             return hit[1]
-    value = compute()
+    if hit is not None and extend is not None and _only_added(hit[0], version):
+        value = extend(hit[1], hit[0][1], version[1])
+    else:
+        value = compute(None, version[1])
     with _label_cache_lock:
         _label_cache[key] = (version, value)
         _label_cache.move_to_end(key)
@@ -391,19 +410,39 @@ def _dialect(db: Session) -> str:
     return db.get_bind().dialect.name
 
 
+def _id_range(after: Any, upto: Any) -> sa.ColumnElement[bool]:
+    """Labels with after < id <= upto (after None: from the first)."""
+    upper = Label.id <= upto if upto is not None else sa.false()
+    return upper if after is None else (Label.id > after) & upper
+
+
 def _units(db: Session, project: Project, version: tuple[Any, ...]) -> Units:
-    """The project's units (see Units), sent by the database as one string of numbers (cached per version)."""
-    return _cached(db, project, version, "units", lambda: _read_units(db, project))
+    """The project's units (see Units), sent by the database as one string of numbers (cached per version;
+    new labels are read alone and merged)."""
+    def extend(cached: tuple[np.ndarray, Units], after: Any, upto: Any) -> tuple[np.ndarray, Units]:
+        flat = np.concatenate([cached[0], _read_flat_units(db, project, after, upto)])
+        return flat, _sorted_units(flat)
+
+    def compute(after: Any, upto: Any) -> tuple[np.ndarray, Units]:
+        flat = _read_flat_units(db, project, after, upto)
+        return flat, _sorted_units(flat)
+
+    return _cached(db, project, version, "units", compute, extend)[1]
 
 
-def _read_units(db: Session, project: Project) -> Units:
+def _read_flat_units(db: Session, project: Project, after: Any, upto: Any) -> np.ndarray:
+    """(2N,) unit, who, unit, who, ... of the active answers with ids in (after, upto]."""
     rows = _unit_rows(project.task, _dialect(db), Label.item_id, Label.user_id, Label.answer, Label.choice,
-                      (Label.project_id == project.id) & services.active_answers())
+                      (Label.project_id == project.id) & services.active_answers() & _id_range(after, upto))
     unit = sa.cast(rows.c.item_id, sa.BigInteger) * (1 << UNIT_BITS) + rows.c.unit
     who = sa.cast(rows.c.user_id, sa.BigInteger) * (1 << VALUE_BITS) + rows.c.v
     text = db.execute(sa.select(sa.func.aggregate_strings(sa.cast(unit, sa.String) + "," + sa.cast(who, sa.String),
                                                           ","))).scalar_one()
-    flat = np.fromstring(text, dtype=np.int64, sep=",") if text else np.zeros(0, dtype=np.int64)  # (2N,)
+    return np.fromstring(text, dtype=np.int64, sep=",") if text else np.zeros(0, dtype=np.int64)
+
+
+def _sorted_units(flat: np.ndarray) -> Units:
+    """Units from `_read_flat_units`' numbers."""
     key, code = flat[0::2], flat[1::2]
     people, who = np.unique(code >> VALUE_BITS, return_inverse=True)
     order = np.lexsort((who, key))
@@ -487,15 +526,27 @@ def _answer_counts(db: Session, project: Project, version: tuple[Any, ...]
                    ) -> tuple[dict[int, tuple[int, int, int, int]], Counter[int]]:
     """Per annotator: (answers, answers preferring the first shown, answers preferring a position, answers
     with a time); for rank projects also how many answers showed each number of responses (cached per version)."""
-    return _cached(db, project, version, "answer_counts", lambda: _count_answers(db, project))
+    Counts = tuple[dict[int, tuple[int, int, int, int]], Counter[int]]
+
+    def extend(cached: Counts, after: Any, upto: Any) -> Counts:
+        more, more_lengths = _count_answers(db, project, after, upto)
+        totals = dict(cached[0])
+        for user_id, counts in more.items():
+            old = totals.get(user_id, (0, 0, 0, 0))
+            totals[user_id] = (old[0] + counts[0], old[1] + counts[1], old[2] + counts[2], old[3] + counts[3])
+        return totals, cached[1] + more_lengths
+
+    return _cached(db, project, version, "answer_counts", lambda after, upto: _count_answers(db, project, after, upto),
+                   extend)
 
 
-def _count_answers(db: Session, project: Project) -> tuple[dict[int, tuple[int, int, int, int]], Counter[int]]:
+def _count_answers(db: Session, project: Project, after: Any, upto: Any
+                   ) -> tuple[dict[int, tuple[int, int, int, int]], Counter[int]]:
     first = _first_shown(project.task)
     shown = [sa.func.coalesce(sa.func.sum(first), 0), sa.func.count(first)] if first is not None else [0, 0]
     keys = [Label.user_id, *([sa.func.json_array_length(Label.presented_order)] if project.task == "rank" else [])]
     query = (sa.select(*keys, sa.func.count(), *shown, sa.func.count(Label.time_spent_ms))
-             .where(Label.project_id == project.id, services.active_answers()).group_by(*keys))
+             .where(Label.project_id == project.id, services.active_answers(), _id_range(after, upto)).group_by(*keys))
     totals: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     lengths: Counter[int] = Counter()
     for row in db.execute(query).all():
@@ -505,11 +556,11 @@ def _count_answers(db: Session, project: Project) -> tuple[dict[int, tuple[int, 
     return {user_id: (a, b, c, d) for user_id, (a, b, c, d) in totals.items()}, lengths
 
 
-def _median_ms(db: Session, project: Project, timed: dict[int, int]) -> dict[int, float]:
-    """Per annotator, the median time per answer from the middle one or two of their `timed[user]` times,
-    each found by walking the (project, user, time) index to its place."""
+def _median_ms(db: Session, project: Project, timed: dict[int, int], upto: Any) -> dict[int, float]:
+    """Per annotator, the median time per answer from the middle one or two of their `timed[user]` times
+    (of labels up to id `upto`), each found by walking the (project, user, time) index to its place."""
     parts = [sa.select(Label.user_id, Label.time_spent_ms).where(
-        Label.project_id == project.id, services.active_answers(), Label.user_id == user_id,
+        Label.project_id == project.id, services.active_answers(), _id_range(None, upto), Label.user_id == user_id,
         Label.time_spent_ms.is_not(None)).order_by(Label.time_spent_ms).limit(2 - n % 2).offset((n - 1) // 2).subquery()
         for user_id, n in timed.items() if n]
     middle: dict[int, list[int]] = defaultdict(list)

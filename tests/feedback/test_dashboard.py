@@ -338,42 +338,58 @@ def test_dashboard_is_live(app: FastAPI) -> None:
 
 def test_cached_figures_follow_every_change(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> None:
     """Label-derived figures are read once per labels_version: unchanged labels reuse them (the JSON of rank
-    answers is not unnested again), while an undone answer, a skip, and an undone skip answered again each
-    give the figures of the database as it is then."""
+    answers is not unnested again), new labels alone are read and merged, and an undo makes a full read;
+    after each change the figures equal a from-scratch count of the database."""
     pid = _random_project(app, "rank", seed=11)
-    reads: list[int] = []
-    read_units = quality._read_units
-    monkeypatch.setattr(quality, "_read_units", lambda db, project: reads.append(project.id) or read_units(db, project))
+    reads: list[Any] = []  # `after` of each units read: None for a full read, a label id for new labels only
+    read_flat = quality._read_flat_units
+    monkeypatch.setattr(quality, "_read_flat_units",
+                        lambda db, project, after, upto: reads.append(after) or read_flat(db, project, after, upto))
     quality.clear_label_cache()
 
-    def check(expected_reads: int) -> dict[str, Any]:
+    def check(expected_reads: list[str]) -> dict[str, Any]:
         with ctx(app).database.read() as db:
             project = services.admin_project(db, pid)
             got, progress = quality.project_quality(db, project), quality.project_progress(db, project)
             assert_same_figures(got, _reference_quality(db, project))
             assert_same_figures(progress, _reference_progress(db, project))
-        assert len(reads) == expected_reads
+        assert ["full" if r is None else "new" for r in reads] == expected_reads
         return got
 
-    first = check(1)
-    check(1)  # nothing changed: no second read
-    with ctx(app).database.write() as db:
+    first = check(["full"])
+    check(["full"])  # nothing changed: no second read
+    with ctx(app).database.write() as db:  # an answer undone: full read
         project = db.get(Project, pid)
         assert project is not None
         label = db.execute(sa.select(Label).where(Label.project_id == pid, services.active_answers())
                            .order_by(Label.id.desc()).limit(1)).scalar_one()
-        services.undo_last(db, project, label.user_id)
-    after_undo = check(2)
-    assert after_undo["answers"] == first["answers"] - 1
-    with ctx(app).database.write() as db:
+        user_id = label.user_id
+        services.undo_last(db, project, user_id)
+    assert check(["full", "full"])["answers"] == first["answers"] - 1
+    with ctx(app).database.write() as db:  # the item it freed, skipped: a new label without units
         project = db.get(Project, pid)
         assert project is not None
-        user_id = label.user_id
         assignment = services.next_assignment(db, project, user_id, 60)
         assert assignment is not None
         services.skip(db, project, user_id, assignment.id, "unsure", None, "cache-skip")
-    check(3)
-    with ctx(app).database.write() as db:  # the skip undone, the item is answered instead
+    check(["full", "full", "new"])
+    add_user(app, "newcomer")
+    for turn in range(2):  # a new annotator's answers: new labels alone are read
+        with ctx(app).database.write() as db:
+            project = db.get(Project, pid)
+            assert project is not None
+            if turn == 0:
+                services.add_member(db, project, "newcomer")
+            uid = db.execute(sa.select(User.id).where(User.username == "newcomer")).scalar_one()
+            assignment = services.next_assignment(db, project, uid, 60)
+            assert assignment is not None
+            n = len(db.get(Item, assignment.item_id).responses)  # type: ignore[union-attr]
+            services.submit_answer(db, project, uid, assignment.id, "rank",
+                                   {"ranking": ",".join(str(d) for d in range(n, 0, -1))}, 1000 + turn, f"new-{turn}")
+        got = check(["full", "full", "new", "new"] + ["new"] * turn)
+    assert got["answers"] == first["answers"] + 1
+    assert {p["annotator"]: p["answers"] for p in got["annotators"]}["newcomer"] == 2
+    with ctx(app).database.write() as db:  # the skip undone and the item answered: full read
         project = db.get(Project, pid)
         assert project is not None
         services.undo_last(db, project, user_id)
@@ -382,7 +398,7 @@ def test_cached_figures_follow_every_change(app: FastAPI, monkeypatch: pytest.Mo
         n = len(db.get(Item, assignment.item_id).responses)  # type: ignore[union-attr]
         services.submit_answer(db, project, user_id, assignment.id, "rank",
                                {"ranking": ",".join(str(d) for d in range(n, 0, -1))}, 1234, "cache-answer")
-    assert check(4)["answers"] == first["answers"]
+    assert check(["full", "full", "new", "new", "new", "full"])["answers"] == first["answers"] + 2
 
 
 @pytest.mark.parametrize("scale", [1, 10**6])
