@@ -102,9 +102,11 @@ def set_model(request: Request, project_id: schemas.RowId, me: Admin, body: sche
     """Set a chat project's model. `api_key` left out keeps the stored one; null removes it."""
     settings = conversations.Endpoint(body.base_url, body.model, body.api_key, body.n_drafts, body.temperature,
                                       body.top_p, body.max_tokens, body.timeout_s)
-    with app_context(request).database.write() as db:
+    ctx = app_context(request)
+    with ctx.database.write() as db:
         project = services.admin_project(db, project_id)
-        model = conversations.set_endpoint(db, project, settings, keep_key="api_key" not in body.model_fields_set)
+        model = conversations.set_endpoint(db, project, settings, secret=ctx.secret,
+                                           keep_key="api_key" not in body.model_fields_set)
     return _model_out(model)
 
 
@@ -115,7 +117,7 @@ def try_model(request: Request, project_id: schemas.RowId, me: Admin, body: sche
     (`ALIGNLOOP_APP_MODEL_HOSTS`), 502 when the server is down, slow or answers something else."""
     ctx = app_context(request)
     with ctx.database.read() as db:
-        model = conversations.endpoint(db, services.admin_project(db, project_id))
+        model = conversations.endpoint(db, services.admin_project(db, project_id), ctx.secret)
     if model is None:
         raise conversations.NotConfigured(conversations.NO_MODEL)
     start = time.perf_counter()

@@ -57,6 +57,9 @@ def serve(settings: Settings, host: str, port: int, migrate: bool = True) -> Non
 
     settings.validate()
     database = open_database(settings, migrate)
+    with database.write() as db:
+        if sealed := conversations.seal_stored_keys(db, settings.resolved_secret()):
+            logger.info("sealed %d chat model API keys stored in clear", sealed)
     app = create_app(settings, database=database)
     uvicorn.run(app, host=host, port=port, log_config=log_config(settings.log_json), server_header=False)
 
@@ -106,8 +109,10 @@ def show_model(settings: Settings, project: str) -> dict[str, Any]:
 def set_model(settings: Settings, project: str, model: conversations.Endpoint, keep_key: bool) -> dict[str, Any]:
     """Set a chat project's model through the API's own service (conversations.set_endpoint: the same
     checks); keep_key leaves a stored API key as it is. Returns what show_model would."""
+    secret = settings.resolved_secret() if model.api_key and not keep_key else None  # SettingsError names what is missing
     with _opened(settings) as database, database.write() as db:
-        stored = conversations.set_endpoint(db, services.project_by_name(db, project), model, keep_key=keep_key)
+        stored = conversations.set_endpoint(db, services.project_by_name(db, project), model, secret=secret,
+                                            keep_key=keep_key)
     return {"project": project, **stored.public()}
 
 

@@ -33,7 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from alignloop.data import Message
-from alignloop.feedback import chat, services, tasks
+from alignloop.feedback import chat, security, services, tasks
 from alignloop.feedback.db import (
     Assignment,
     ChatDraft,
@@ -80,11 +80,14 @@ class Endpoint:
     top_p: float | None = None
     max_tokens: int | None = None
     timeout_s: float = 60.0
+    key_stored: bool = field(default=False, repr=False)
+    """A key is stored (sealed); `api_key` holds it only where it was unsealed to call the model."""
 
     def public(self) -> dict[str, Any]:
         """Everything but the key, which is never shown again: only whether one is set."""
         out = dataclasses.asdict(self)
-        out["api_key_set"] = bool(out.pop("api_key"))
+        key, stored = out.pop("api_key"), out.pop("key_stored")
+        out["api_key_set"] = bool(key) or stored
         return out
 
 
@@ -123,35 +126,67 @@ def check_endpoint(e: Endpoint) -> Endpoint:
     return dataclasses.replace(e, base_url=base, model=model, api_key=key)
 
 
-def endpoint(db: Session, project: Project) -> Endpoint | None:
-    """The project's model, or None when none is set."""
+KEY_UNREADABLE = ("the project's stored API key cannot be opened with this app secret (it was stored under another "
+                  "one): an admin sets the key again on the project page")
+NO_SECRET = "storing an API key needs the app secret (ALIGNLOOP_APP_SECRET_KEY or ALIGNLOOP_APP_SECRET_KEY_FILE)"
+
+
+def endpoint(db: Session, project: Project, secret: str | None = None) -> Endpoint | None:
+    """The project's model, or None when none is set. With the app `secret` its API key is unsealed (to call
+    the model; NotConfigured KEY_UNREADABLE when the secret changed since); without, only `key_stored` says one is set."""
     row = db.get(ChatEndpoint, project.id)
     if row is None:
         return None
-    return Endpoint(row.base_url, row.model, row.api_key, row.n_drafts, row.temperature, row.top_p, row.max_tokens,
-                    row.timeout_s)
+    key = None
+    if row.api_key is not None and secret is not None:
+        try:
+            key = security.unseal(secret, row.api_key)
+        except security.Unsealable:
+            raise NotConfigured(KEY_UNREADABLE) from None
+    return Endpoint(row.base_url, row.model, key, row.n_drafts, row.temperature, row.top_p, row.max_tokens,
+                    row.timeout_s, key_stored=row.api_key is not None)
 
 
-def set_endpoint(db: Session, project: Project, settings: Endpoint, *, keep_key: bool = False) -> Endpoint:
-    """Store a chat project's model; keep_key leaves the stored API key as it is (a blank form field)."""
+def set_endpoint(db: Session, project: Project, settings: Endpoint, *, secret: str | None,
+                 keep_key: bool = False) -> Endpoint:
+    """Store a chat project's model, its API key sealed under the app `secret`; keep_key leaves the stored key
+    as it is (a blank form field). Returns the settings without the key (`key_stored` says whether one is set)."""
     services._check_task(project, "chat")
     checked = check_endpoint(settings)
+    if not keep_key and checked.api_key is not None and not secret:
+        raise services.Invalid(NO_SECRET)
     row = db.get(ChatEndpoint, project.id)
     if row is None:
         row = ChatEndpoint(project_id=project.id)
         db.add(row)
-    key = row.api_key if keep_key else checked.api_key
+    if keep_key:
+        key = row.api_key
+    else:
+        key = None if checked.api_key is None else security.seal(secret or "", checked.api_key)
     for name, value in dataclasses.asdict(checked).items():
-        setattr(row, name, value)
+        if name not in ("api_key", "key_stored"):
+            setattr(row, name, value)
     row.api_key, row.updated_at = key, utcnow()
     db.flush()
     logger.info("chat model set", extra={"project": project.name, "base_url": checked.base_url, "model": checked.model})
-    return dataclasses.replace(checked, api_key=key)
+    return dataclasses.replace(checked, api_key=None, key_stored=key is not None)
+
+
+def seal_stored_keys(db: Session, secret: str) -> int:
+    """Seal the API keys stored in clear before sealing existed; returns how many (the server runs it at start)."""
+    rows = db.execute(sa.select(ChatEndpoint).where(ChatEndpoint.api_key.is_not(None))).scalars().all()
+    clear = [row for row in rows if row.api_key is not None and not security.is_sealed(row.api_key)]
+    for row in clear:
+        row.api_key = security.seal(secret, row.api_key)  # type: ignore[arg-type]
+    db.flush()
+    return len(clear)
 
 
 def ask_model(e: Endpoint, messages: Sequence[Message], hosts: Sequence[str], transport: httpx.BaseTransport | None,
               n: int | None = None) -> list[chat.Draft]:
     """Drafts from the project's model (chat.complete; HostRefused or ChatError when there are none)."""
+    if e.key_stored and e.api_key is None:
+        raise RuntimeError("the project's API key was not unsealed: read the endpoint with the app secret")
     start = time.perf_counter()
     extra = {"base_url": e.base_url, "model": e.model, "n": n or e.n_drafts}
     try:
@@ -251,12 +286,12 @@ def _message(text: str | None) -> str | None:
 
 
 def plan(db: Session, project: Project, user_id: int, assignment_id: int | None, message: str | None,
-         regenerate: bool = False) -> Ask:
+         regenerate: bool = False, *, secret: str | None = None) -> Ask:
     """What to ask the model for: the first drafts of a new conversation (no assignment yet), of an
     imported prompt (no message), of the next turn (a message after a pick), or new drafts for the open
     turn (regenerate). Invalid or Conflict when the request does not fit the conversation's state."""
     services._check_task(project, "chat")
-    model = endpoint(db, project)
+    model = endpoint(db, project, secret)
     if model is None:
         raise NotConfigured(NO_MODEL)
     text = _message(message)
@@ -343,7 +378,7 @@ def _checked_key(key: str) -> str:
 
 def converse(database: Database, project_id: int, user_id: int, assignment_id: int | None, message: str | None,
              key: str, *, regenerate: bool = False, hosts: Sequence[str] = (),
-             transport: httpx.BaseTransport | None = None) -> int:
+             transport: httpx.BaseTransport | None = None, secret: str | None = None) -> int:
     """Ask the model for a turn's drafts and store them (see the module docstring); returns the
     conversation's assignment id. Raises chat.HostRefused or chat.ChatError with nothing written."""
     key = _checked_key(key)
@@ -351,7 +386,7 @@ def converse(database: Database, project_id: int, user_id: int, assignment_id: i
         project = services.member_project(db, user_id, project_id)
         if (done := _replayed(db, user_id, key)) is not None:
             return done
-        ask = plan(db, project, user_id, assignment_id, message, regenerate)
+        ask = plan(db, project, user_id, assignment_id, message, regenerate, secret=secret)
     drafts = ask_model(ask.endpoint, ask.messages, hosts, transport)
     with database.write() as db:
         project = services.member_project(db, user_id, project_id, lock=True)

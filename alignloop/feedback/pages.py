@@ -199,9 +199,10 @@ def admin_set_model(request: Request, project_id: RowId, me: Admin, base_url: An
     """A chat project's model; a blank API key field keeps the stored key (it is never shown)."""
     settings = conversations.Endpoint(base_url, model, api_key or None, n_drafts, _number(temperature, "temperature"),
                                       _number(top_p, "top_p"), _int(max_tokens, "max_tokens"), timeout_s)
-    with app_context(request).database.write() as db:
+    ctx = app_context(request)
+    with ctx.database.write() as db:
         project = services.admin_project(db, project_id)
-        conversations.set_endpoint(db, project, settings, keep_key=not api_key and not clear_api_key)
+        conversations.set_endpoint(db, project, settings, secret=ctx.secret, keep_key=not api_key and not clear_api_key)
     return see_other(f"/admin/projects/{project_id}")
 
 
@@ -226,7 +227,7 @@ def admin_test_model(request: Request, project_id: RowId, me: Admin) -> Response
     ctx = app_context(request)
     with ctx.database.read() as db:
         project = services.admin_project(db, project_id)
-        model = conversations.endpoint(db, project)
+        model = conversations.endpoint(db, project, ctx.secret)
     if model is None:
         raise conversations.NotConfigured(conversations.NO_MODEL)
     draft = conversations.ask_model(model, [{"role": "user", "content": conversations.TEST_MESSAGE}],
@@ -373,7 +374,7 @@ def _chat_drafts(request: Request, project_id: int, me: Principal, assignment_id
     ctx = app_context(request)
     try:
         conversations.converse(ctx.database, project_id, me.user_id, assignment_id, message, key, regenerate=regenerate,
-                               hosts=ctx.settings.model_hosts, transport=ctx.model_transport)
+                               hosts=ctx.settings.model_hosts, transport=ctx.model_transport, secret=ctx.secret)
     except (chat.ChatError, conversations.NotConfigured) as err:
         status = 502 if isinstance(err, chat.ChatError) and not isinstance(err, chat.HostRefused) else 400
         error = (f"The model could not answer: {err}. Try again, skip the item, or ask an admin to check the "

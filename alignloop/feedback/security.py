@@ -4,10 +4,14 @@ Passwords: Argon2id (argon2-cffi) with the settings' costs; a hash made with wea
 at the next successful login. Session and API tokens are 256-bit random strings; only their SHA-256
 is stored, so a leaked database logs no one in. CSRF tokens are an HMAC of the session (or, before
 login, of a random cookie) under the app secret: a page can only get one from our own server.
+Credentials the app must send elsewhere (a chat project's model API key) are stored sealed: Fernet
+(AES-128-CBC + HMAC-SHA256, `cryptography`) under a key derived from the app secret with HKDF, so a
+database file, backup or dump alone does not give them away.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -17,10 +21,45 @@ from collections import defaultdict, deque
 
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from alignloop.feedback.settings import Settings
 
 MIN_PASSWORD_LENGTH = 12
+SEALED_PREFIX = "sealed:v1:"
+"""What a sealed value starts with; a stored value without it is from before sealing (read as it is)."""
+
+
+class Unsealable(ValueError):
+    """A sealed value that this secret cannot open: the app secret changed since it was stored, or it was altered."""
+
+
+def _fernet(secret: str) -> Fernet:
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+               info=b"alignloop feedback: stored credentials v1").derive(secret.encode("utf-8"))
+    return Fernet(base64.urlsafe_b64encode(key))
+
+
+def seal(secret: str, plaintext: str) -> str:
+    """`plaintext` encrypted and authenticated under the app secret, as text for the database."""
+    return SEALED_PREFIX + _fernet(secret).encrypt(plaintext.encode("utf-8")).decode("ascii")
+
+
+def is_sealed(stored: str) -> bool:
+    return stored.startswith(SEALED_PREFIX)
+
+
+def unseal(secret: str, stored: str) -> str:
+    """The plaintext of a `seal`ed value (Unsealable if this secret cannot open it); an unsealed value, stored
+    before sealing existed, is returned as it is."""
+    if not is_sealed(stored):
+        return stored
+    try:
+        return _fernet(secret).decrypt(stored[len(SEALED_PREFIX):].encode("ascii")).decode("utf-8")
+    except (InvalidToken, UnicodeError) as err:
+        raise Unsealable("the stored value was sealed under another app secret, or altered") from err
 
 
 def password_hasher(settings: Settings) -> PasswordHasher:

@@ -41,7 +41,7 @@ def login_token(app: FastAPI, username: str) -> tuple[str, str]:
     form); the session is a database row, so a server started separately on the same database takes it."""
     token = auth.login(ctx(app), username, PASSWORD)
     assert token is not None
-    return token, security.csrf_token(SECRET, security.token_hash(token))
+    return token, security.csrf_token(ctx(app).secret, security.token_hash(token))
 
 
 def session_client(app: FastAPI, username: str) -> TestClient:
@@ -211,7 +211,8 @@ def add_chat_project(app: FastAPI, name: str, members: list[str], rows: list[dic
         for username in members:
             services.add_member(db, project, username)
         conversations.set_endpoint(db, project, conversations.Endpoint(base_url, "policy", api_key, n_drafts,
-                                                                       temperature=0.7, max_tokens=64))
+                                                                       temperature=0.7, max_tokens=64),
+                                   secret=ctx(app).secret)
         if rows:
             services.import_items(db, project, parse_items(enumerate(rows, 1), "test", "chat"), "test")
         return project.id

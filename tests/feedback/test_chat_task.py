@@ -41,7 +41,16 @@ from feedback_helpers import (
 from alignloop.data import DataError, load_records
 from alignloop.feedback import conversations, exports
 from alignloop.feedback.app import create_app
-from alignloop.feedback.db import Assignment, ChatDraft, ChatPick, ChatTurn, Item, Label, Project
+from alignloop.feedback.db import (
+    Assignment,
+    ChatDraft,
+    ChatEndpoint,
+    ChatPick,
+    ChatTurn,
+    Item,
+    Label,
+    Project,
+)
 from alignloop.feedback.records import parse_items
 from alignloop.feedback.settings import Settings, SettingsError
 
@@ -349,6 +358,55 @@ def test_w2_chat_routes_refuse_other_peoples_conversations(chat_app: FastAPI) ->
 # The model's settings
 
 
+def test_the_key_is_stored_sealed_and_another_secret_must_set_it_again(chat_app: FastAPI) -> None:
+    """The database holds the API key only sealed under the app secret (on SQLite, not even the file's bytes
+    show it). A server started with another secret cannot open it: chatting says so (400, nothing sent to the
+    model), the project page still says a key is set, and setting the key again makes the chat work."""
+    app, pid = chat_app, chat_app.state.pid
+    with ctx(app).database.read() as db:
+        stored = db.execute(sa.select(ChatEndpoint.api_key).where(ChatEndpoint.project_id == pid)).scalar_one()
+    assert stored.startswith("sealed:v1:") and "sk-secret" not in stored
+    url = ctx(app).database.engine.url
+    if url.get_backend_name() == "sqlite":
+        with ctx(app).database.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        raw = b"".join(Path(f"{url.database}{tail}").read_bytes() for tail in ("", "-wal")
+                       if Path(f"{url.database}{tail}").exists())
+        assert b"sk-secret" not in raw and stored.encode() in raw
+
+    other = create_app(dataclasses.replace(ctx(app).settings, secret_key="another-secret-" + "y" * 30),
+                       database=ctx(app).database)
+    fake = _fake(other)
+    me = Chat(session_client(other, "ann"), pid)
+    refused = me.send()
+    assert refused.status_code == 400 and "cannot be opened with this app secret" in refused.text
+    assert fake.calls == []
+    admin = session_client(other, "boss")
+    assert "API key set" in admin.get(f"/admin/projects/{pid}").text
+    api = token_client(other, "boss")
+    body = {"base_url": PUBLIC_BASE, "model": "policy", "api_key": "sk-rotated-9"}
+    assert api.put(f"/api/v1/projects/{pid}/model", json=body).json()["api_key_set"] is True
+    assert me.send().status_code == 303 and fake.calls[-1]["authorization"] == "Bearer sk-rotated-9"
+
+
+def test_keys_stored_in_clear_before_sealing_are_used_and_sealed(chat_app: FastAPI) -> None:
+    """A key stored in clear by an earlier version still reaches the model, and `seal_stored_keys` (run when the
+    server starts) seals it in place."""
+    app, pid = chat_app, chat_app.state.pid
+    with ctx(app).database.write() as db:
+        db.execute(sa.update(ChatEndpoint).where(ChatEndpoint.project_id == pid).values(api_key="sk-legacy-1"))
+    fake = _fake(app)
+    me = Chat(session_client(app, "ann"), pid)
+    assert me.send().status_code == 303 and fake.calls[-1]["authorization"] == "Bearer sk-legacy-1"
+    with ctx(app).database.write() as db:
+        assert conversations.seal_stored_keys(db, ctx(app).secret) == 1
+        assert conversations.seal_stored_keys(db, ctx(app).secret) == 0
+    with ctx(app).database.read() as db:
+        stored = db.execute(sa.select(ChatEndpoint.api_key).where(ChatEndpoint.project_id == pid)).scalar_one()
+        assert stored.startswith("sealed:v1:") and "sk-legacy" not in stored
+        assert conversations.endpoint(db, db.get(Project, pid), ctx(app).secret).api_key == "sk-legacy-1"
+
+
 def test_model_settings_keep_the_key_secret(chat_app: FastAPI) -> None:
     app, pid = chat_app, chat_app.state.pid
     api, admin = token_client(app, "boss"), session_client(app, "boss")
@@ -359,7 +417,7 @@ def test_model_settings_keep_the_key_secret(chat_app: FastAPI) -> None:
     body = {"base_url": "https://models.example.org/v1", "model": "sft-round2", "n_drafts": 3, "temperature": 0.2}
     assert api.put(f"/api/v1/projects/{pid}/model", json=body).json()["api_key_set"] is True  # left out: kept
     with ctx(app).database.read() as db:
-        assert conversations.endpoint(db, db.get(Project, pid)).api_key == "sk-secret-777"
+        assert conversations.endpoint(db, db.get(Project, pid), ctx(app).secret).api_key == "sk-secret-777"
     assert api.put(f"/api/v1/projects/{pid}/model", json={**body, "api_key": None}).json()["api_key_set"] is False
     form = {"base_url": "http://gpu-box:8001/v1", "model": "m", "n_drafts": "4", "api_key": "sk-new-1",
             "temperature": "", "top_p": "0.9", "max_tokens": "32", "timeout_s": "30"}

@@ -27,7 +27,7 @@ from feedback_helpers import (
     table_snapshot,
 )
 
-from alignloop.feedback import auth
+from alignloop.feedback import auth, security
 from alignloop.feedback.app import create_app
 from alignloop.feedback.db import AuthSession, Project, User
 from alignloop.feedback.settings import (
@@ -208,3 +208,20 @@ def test_logout_ends_the_session(app: FastAPI) -> None:
     assert client.get("/annotate").status_code == 200
     assert client.post("/logout").status_code == 303 and count(app, AuthSession) == 0
     assert client.get("/annotate").status_code == 303  # back to the login page
+
+
+def test_sealed_values_open_only_under_their_secret() -> None:
+    """seal/unseal: a round trip under one secret; another secret or one altered character is Unsealable;
+    each seal is new (random IV), and a value stored before sealing existed reads as it is."""
+    one, two = "a" * 40, "b" * 40
+    sealed = security.seal(one, "sk-é-123")
+    assert sealed.startswith(security.SEALED_PREFIX) and "sk-" not in sealed
+    assert security.unseal(one, sealed) == "sk-é-123"
+    assert security.seal(one, "sk-é-123") != sealed
+    with pytest.raises(security.Unsealable):
+        security.unseal(two, sealed)
+    body = sealed[len(security.SEALED_PREFIX):]
+    flipped = body[:20] + ("A" if body[20] != "A" else "B") + body[21:]
+    with pytest.raises(security.Unsealable):
+        security.unseal(one, security.SEALED_PREFIX + flipped)
+    assert security.unseal(one, "sk-from-before") == "sk-from-before"
