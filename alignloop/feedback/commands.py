@@ -8,6 +8,7 @@ schema first, so `alignloop app user add --admin` on an empty database is the wh
 from __future__ import annotations
 
 import logging
+import logging.config
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,6 +57,7 @@ def serve(settings: Settings, host: str, port: int, migrate: bool = True) -> Non
     from alignloop.feedback.app import create_app, log_config
 
     settings.validate()
+    logging.config.dictConfig(log_config(settings.log_json))  # uvicorn applies it again; set now for the start-up lines
     database = open_database(settings, migrate)
     with database.write() as db:
         if sealed := conversations.seal_stored_keys(db, settings.resolved_secret()):

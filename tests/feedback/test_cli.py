@@ -14,10 +14,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from feedback_helpers import PASSWORD, SECRET, item_row
 
 from alignloop.cli import main
 from alignloop.data import load_records
+from alignloop.feedback import migrations, services
+from alignloop.feedback.db import ChatEndpoint, Database
+from alignloop.feedback.security import SEALED_PREFIX, unseal
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -104,8 +108,33 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _chat_project_with_a_clear_key(url: str) -> None:
+    """A migrated database whose chat project's API key was stored in clear (as before keys were sealed)."""
+    database = Database(url)
+    try:
+        migrations.upgrade(database.engine)
+        with database.write() as db:
+            project = services.create_project(db, "c", "", 1, "chat")
+            db.add(ChatEndpoint(project_id=project.id, base_url="http://gpu-box:8001/v1", model="m", api_key="sk-clear-1"))
+    finally:
+        database.dispose()
+
+
+def _stored_key(url: str) -> str | None:
+    database = Database(url)
+    try:
+        with database.read() as db:
+            return db.execute(sa.select(ChatEndpoint.api_key)).scalar_one()
+    finally:
+        database.dispose()
+
+
 def test_serve_refuses_weak_secret_and_serves(tmp_path: Path) -> None:
-    base = {**os.environ, "OMP_NUM_THREADS": "1", "ALIGNLOOP_APP_DATABASE_URL": f"sqlite:///{tmp_path / 's.db'}"}
+    """`app serve` refuses a weak secret; with a good one it serves, logs each request as JSON, and first seals
+    an API key stored in clear by an earlier version."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    _chat_project_with_a_clear_key(url)
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "ALIGNLOOP_APP_DATABASE_URL": url}
     base.pop("ALIGNLOOP_APP_SECRET_KEY", None)
     command = [sys.executable, "-m", "alignloop.cli", "app", "serve"]
     weak = subprocess.run(command, env={**base, "ALIGNLOOP_APP_SECRET_KEY": "too-short"}, cwd=REPO,
@@ -129,3 +158,6 @@ def test_serve_refuses_weak_secret_and_serves(tmp_path: Path) -> None:
     records = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     access = [r for r in records if r.get("logger") == "alignloop.feedback.access"]
     assert {r["path"] for r in access} >= {"/login", "/api/v1/projects"} and all("ms" in r for r in access)
+    assert any("sealed 1 chat model API keys" in r.get("message", "") for r in records), records[:5]
+    stored = _stored_key(url)
+    assert stored is not None and stored.startswith(SEALED_PREFIX) and unseal(SECRET, stored) == "sk-clear-1"
