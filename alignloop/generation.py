@@ -13,6 +13,7 @@ after is padding with mask 0, and the loop exits as soon as every row has ended.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,10 +161,10 @@ class _TransformersStepper:
         return out.logits[:, -1]  # (B, V)
 
 
-def _stepper(model: torch.nn.Module, batch: int, max_len: int, backend: str) -> Any:
-    """Our preallocated-cache Llama forward where it applies (backend "auto"), else the model's own."""
-    if backend == "auto" and llama_decode.supports(model):
-        return llama_decode.LlamaDecoder(model, batch, max_len)
+def _stepper(model: torch.nn.Module, batch: int, max_len: int, weights: llama_decode.DecodeWeights | None) -> Any:
+    """Our preallocated-cache Llama forward over `weights` where it applies, else the model's own."""
+    if weights is not None:
+        return llama_decode.LlamaDecoder(model, batch, max_len, weights)
     return _TransformersStepper(model)
 
 
@@ -174,6 +175,7 @@ def _decode_chunk(
     prompt_mask: torch.Tensor,
     cfg: GenConfig,
     generator: torch.Generator,
+    weights: llama_decode.DecodeWeights | None,
     on_step: StepListener | None = None,
     first_row: int = 0,
 ) -> _Chunk:
@@ -189,7 +191,7 @@ def _decode_chunk(
     alive = torch.zeros((batch, steps), dtype=torch.bool, device=device)  # (B, R)
     logprobs = torch.zeros((batch, steps), dtype=torch.float32, device=device)  # (B, R)
     ended = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
-    stepper = _stepper(model, batch, mask.shape[1] + steps, cfg.backend)
+    stepper = _stepper(model, batch, mask.shape[1] + steps, weights)
     next_logits = stepper.prefill(prompt_ids.to(device), mask)  # (B, V)
     for step in range(steps):
         logits = next_logits.float()  # (B, V)
@@ -250,10 +252,13 @@ def generate(
     batches: list[tuple[torch.Tensor, torch.Tensor, _Chunk]] = []
     was_training = model.training
     model.eval()
+    ours = cfg.backend == "auto" and llama_decode.supports(model)
     try:
-        for start in range(0, len(rows), cfg.batch_size):
-            ids, mask = left_pad([prompts[i] for i in rows[start : start + cfg.batch_size]], tokenizer.pad_token_id)
-            batches.append((ids, mask, _decode_chunk(model, tokenizer, ids, mask, cfg, generator, on_step, start)))
+        with llama_decode.decode_weights(model) if ours else nullcontext() as weights:
+            for start in range(0, len(rows), cfg.batch_size):
+                ids, mask = left_pad([prompts[i] for i in rows[start : start + cfg.batch_size]], tokenizer.pad_token_id)
+                chunk = _decode_chunk(model, tokenizer, ids, mask, cfg, generator, weights, on_step, start)
+                batches.append((ids, mask, chunk))
     finally:
         model.train(was_training)
     prompt_width = max(ids.shape[1] for ids, _, _ in batches)

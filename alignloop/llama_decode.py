@@ -6,15 +6,18 @@ decode step. This forward reads the model's own parameters and modules (LoRA-wra
 modules, so adapters apply) and replaces the glue: rotary tables computed once, keys and values written
 in place into one (layers, B, kv_heads, P + R, head_dim) buffer, one boolean key mask per step,
 `scaled_dot_product_attention` with grouped heads, the LM head on the last position only, and plain
-projections multiplied as fused, transposed copies (q/k/v in one product, gate/up in one) made once per
-decoder: a decode step multiplies 16-odd rows by every matrix, and on a CPU `F.linear`'s (out, in) layout
-is several times slower for that than (in, out). The copies cost one model's worth of memory per decoder.
-It reproduces the transformers forward to float rounding (tests compare logits); `supports()` says when
-it applies, and everything else takes the transformers path.
+projections multiplied as fused, transposed matrices (q/k/v in one product, gate/up in one): a decode step
+multiplies 16-odd rows by every matrix, and on a CPU `F.linear`'s (out, in) layout is several times slower
+for that than (in, out). Those matrices are not copies where that can be avoided: `DecodeWeights` lays each
+parameter out again as a view of its fused matrix for one `generate` call and puts it back afterwards, so
+generation needs no second model's worth of memory. It reproduces the transformers forward to float rounding
+(tests compare logits); `supports()` says when it applies, and everything else takes the transformers path.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -46,41 +49,103 @@ def _plain_linear(module: Any) -> bool:
     return type(module) is torch.nn.Linear and module.bias is None
 
 
-def _transposed(*modules: Any) -> torch.Tensor:
-    """The modules' weights stacked on the output axis and stored (in, out), contiguous: a decode step multiplies
-    a few rows by each matrix, and on a CPU that product is several times faster on this layout than `F.linear`
-    on (out, in). Built per decoder, never cached: optimizers (fused AdamW) update weights in place unseen."""
+def _owns_its_storage(weight: torch.Tensor) -> bool:
+    """A plain parameter that is the whole of a storage torch allocated: laying it out again frees the old
+    layout. Not a view (an FSDP flat parameter, a shared buffer), and not memory torch did not allocate: the
+    weights `from_pretrained` maps from a safetensors file stay resident as long as any tensor of that file
+    does, so moving them would hold the model twice (those are copied for the call instead)."""
+    data = weight.data
+    storage = data.untyped_storage()
+    return (isinstance(weight, torch.nn.Parameter) and type(data) is torch.Tensor and data.is_contiguous()
+            and storage.resizable() and data.storage_offset() == 0
+            and storage.nbytes() == data.numel() * data.element_size())
+
+
+def _fused(modules: tuple[Any, ...], relay: bool) -> torch.Tensor:
+    """The modules' weights stacked on the output axis and stored (in, out), contiguous. With `relay`, each
+    weight then becomes a view of its block (same shape and values, strides (1, sum of outs)) and its old
+    storage is freed, so the fused matrix costs no memory of its own."""
     with torch.no_grad():
-        out = torch.empty((modules[0].weight.shape[1], sum(m.weight.shape[0] for m in modules)),
-                          dtype=modules[0].weight.dtype, device=modules[0].weight.device)  # (in, sum of outs)
+        weight = modules[0].weight
+        out = torch.empty((weight.shape[1], sum(m.weight.shape[0] for m in modules)),
+                          dtype=weight.dtype, device=weight.device)  # (in, sum of outs)
         start = 0
         for m in modules:
-            out[:, start : start + m.weight.shape[0]] = m.weight.t()
-            start += m.weight.shape[0]
+            rows = m.weight.shape[0]
+            out[:, start : start + rows] = m.weight.t()
+            if relay:
+                m.weight.data = out[:, start : start + rows].t()
+            start += rows
     return out
 
 
-def _layer_weights(layer: torch.nn.Module) -> tuple[torch.Tensor, ...] | None:
-    """([q; k; v], o, [gate; up], down) transposed; None when a projection is not a plain bias-free Linear
-    (LoRA adapters, biases), and that layer then runs module by module."""
-    attn, mlp = layer.self_attn, layer.mlp
-    if not all(_plain_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
-                                           mlp.up_proj, mlp.down_proj)):
-        return None
-    return (_transposed(attn.q_proj, attn.k_proj, attn.v_proj), _transposed(attn.o_proj),
-            _transposed(mlp.gate_proj, mlp.up_proj), _transposed(mlp.down_proj))
+class DecodeWeights:
+    """Every layer's ([q; k; v], o, [gate; up], down) and the LM head, stored (in, out), for one `generate` call.
+
+    A layer whose projections are not all plain bias-free Linears (LoRA adapters, biases) gets None and runs
+    module by module. Parameters that own their storage are laid out as views of these matrices rather than
+    copied (the model's weights stay in memory once); `release()` makes each contiguous (out, in) again, layer
+    by layer, so memory never holds a second model either way. Built per call, never cached: optimizers
+    (fused AdamW) update weights in place unseen, and training must see its usual layout.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        base = _base(model)
+        silu = getattr(base.config, "hidden_act", None) == "silu"
+        self._relaid: list[list[Any]] = []  # per entry of `layers` (then the LM head): the modules laid out again
+        self.layers: list[tuple[torch.Tensor, ...] | None] = []
+        for layer in base.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            groups = ((attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,))
+            if not silu or not all(_plain_linear(m) for group in groups for m in group):
+                self.layers.append(None)
+                self._relaid.append([])
+                continue
+            relaid: list[Any] = []
+            matrices = []
+            for group in groups:
+                relay = all(_owns_its_storage(m.weight) for m in group)
+                matrices.append(_fused(group, relay))
+                relaid.extend(group if relay else ())
+            self.layers.append(tuple(matrices))
+            self._relaid.append(relaid)
+        head = base.lm_head
+        relay_head = _plain_linear(head) and _owns_its_storage(head.weight)
+        self.lm_head = _fused((head,), relay_head) if _plain_linear(head) else None
+        self._relaid.append([head] if relay_head else [])
+
+    def release(self) -> None:
+        """Give every laid-out parameter back its contiguous (out, in) layout; the fused matrices are dropped
+        one layer at a time, so the peak is one layer above the model's own memory."""
+        with torch.no_grad():
+            for i, modules in enumerate(self._relaid):
+                for m in modules:
+                    m.weight.data = m.weight.data.contiguous()
+                if i < len(self.layers):
+                    self.layers[i] = None
+                else:
+                    self.lm_head = None
+            self._relaid = []
+
+
+@contextmanager
+def decode_weights(model: torch.nn.Module) -> Iterator[DecodeWeights]:
+    """`DecodeWeights` for the block's duration; the model's layout is restored even when the block raises."""
+    weights = DecodeWeights(model)
+    try:
+        yield weights
+    finally:
+        weights.release()
 
 
 class LlamaDecoder:
     """Prefill a left-padded batch, then decode one token per row per call, over a fixed-size cache."""
 
-    def __init__(self, model: torch.nn.Module, batch: int, max_len: int) -> None:
+    def __init__(self, model: torch.nn.Module, batch: int, max_len: int, weights: DecodeWeights) -> None:
         base = _base(model)
         self.inner, self.lm_head, config = base.model, base.lm_head, base.config
         self.layers = list(self.inner.layers)
-        silu = getattr(config, "hidden_act", None) == "silu"
-        self.weights = [_layer_weights(layer) if silu else None for layer in self.layers]
-        self.lm_head_t = _transposed(self.lm_head) if _plain_linear(self.lm_head) else None
+        self.matrices = weights
         attn = self.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.heads = config.num_attention_heads
@@ -111,20 +176,23 @@ class LlamaDecoder:
     def _attention_in(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """(B, S, H) -> (B, S, Hq + 2 * Hkv, D): queries, keys and values."""
         batch, new = x.shape[:2]
-        if self.weights[i] is not None:
-            out = torch.matmul(x, self.weights[i][0])
+        fused = self.matrices.layers[i]
+        if fused is not None:
+            out = torch.matmul(x, fused[0])
         else:
             attn = self.layers[i].self_attn
             out = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
         return out.view(batch, new, self.heads + 2 * self.kv_heads, self.head_dim)
 
     def _attention_out(self, i: int, out: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(out, self.weights[i][1]) if self.weights[i] is not None else self.layers[i].self_attn.o_proj(out)
+        fused = self.matrices.layers[i]
+        return torch.matmul(out, fused[1]) if fused is not None else self.layers[i].self_attn.o_proj(out)
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        if self.weights[i] is None:
+        fused = self.matrices.layers[i]
+        if fused is None:
             return self.layers[i].mlp(x)
-        _, _, gate_up, down = self.weights[i]
+        _, _, gate_up, down = fused
         gate, up = torch.matmul(x, gate_up).chunk(2, dim=-1)
         return torch.matmul(F.silu(gate) * up, down)
 
@@ -152,7 +220,8 @@ class LlamaDecoder:
 
     def _last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         last = self._norm(self.inner.norm, hidden[:, -1])  # (B, H)
-        return torch.matmul(last, self.lm_head_t) if self.lm_head_t is not None else self.lm_head(last)  # (B, V)
+        head = self.matrices.lm_head
+        return torch.matmul(last, head) if head is not None else self.lm_head(last)  # (B, V)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -34,15 +34,16 @@ def reference_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 def test_prefill_and_every_step_match_a_full_forward(kv_heads):
     model = llama(kv_heads)
     ids, mask = left_pad(PROMPTS, 0)
-    decoder = llama_decode.LlamaDecoder(model, len(PROMPTS), ids.shape[1] + 6)
-    got = decoder.prefill(ids, mask)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(6):
+    with llama_decode.decode_weights(model) as weights:
+        decoder = llama_decode.LlamaDecoder(model, len(PROMPTS), ids.shape[1] + 6, weights)
+        got = decoder.prefill(ids, mask)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(6):
+            assert torch.allclose(got, reference_logits(model, ids, mask), atol=1e-5, rtol=0)
+            nxt = torch.randint(3, 97, (len(PROMPTS),), generator=g)
+            ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            got = decoder.step(nxt)
         assert torch.allclose(got, reference_logits(model, ids, mask), atol=1e-5, rtol=0)
-        nxt = torch.randint(3, 97, (len(PROMPTS),), generator=g)
-        ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        got = decoder.step(nxt)
-    assert torch.allclose(got, reference_logits(model, ids, mask), atol=1e-5, rtol=0)
 
 
 def test_lora_adapters_are_applied():
@@ -52,8 +53,9 @@ def test_lora_adapters_are_applied():
     model.eval()
     assert llama_decode.supports(model)
     ids, mask = left_pad(PROMPTS, 0)
-    got = llama_decode.LlamaDecoder(model, 3, ids.shape[1] + 1).prefill(ids, mask)
-    assert torch.allclose(got, reference_logits(model, ids, mask), atol=1e-5, rtol=0)
+    with llama_decode.decode_weights(model) as weights:
+        got = llama_decode.LlamaDecoder(model, 3, ids.shape[1] + 1, weights).prefill(ids, mask)
+        assert torch.allclose(got, reference_logits(model, ids, mask), atol=1e-5, rtol=0)
     with model.disable_adapter():
         assert not torch.allclose(got, reference_logits(model, ids, mask), atol=1e-3)
 
@@ -86,10 +88,82 @@ def test_weights_updated_in_place_by_a_fused_optimizer_are_seen_by_the_next_deco
     """Fused AdamW does not bump tensor versions, so nothing derived from the weights may outlive one decoder."""
     model = llama()
     ids, mask = left_pad(PROMPTS, 0)
-    before = llama_decode.LlamaDecoder(model, 3, ids.shape[1] + 1).prefill(ids, mask)
+    with llama_decode.decode_weights(model) as weights:
+        before = llama_decode.LlamaDecoder(model, 3, ids.shape[1] + 1, weights).prefill(ids, mask)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
     model(input_ids=ids, attention_mask=mask).logits.pow(2).mean().backward()
     optimizer.step()
-    after = llama_decode.LlamaDecoder(model, 3, ids.shape[1] + 1).prefill(ids, mask)
+    with llama_decode.decode_weights(model) as weights:
+        after = llama_decode.LlamaDecoder(model, 3, ids.shape[1] + 1, weights).prefill(ids, mask)
     assert not torch.allclose(before, after, atol=1e-3)
     assert torch.allclose(after, reference_logits(model, ids, mask), atol=1e-5, rtol=0)
+
+
+def _matrices(model) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.dim() == 2}
+
+
+def test_decoding_borrows_the_weights_in_place_and_gives_them_back_unchanged():
+    """No second copy of the model while generating: each projection becomes a view of its fused (in, out)
+    matrix, and after the call (also one that raised) it is a contiguous (out, in) tensor again, bit for bit."""
+    model = llama(2, seed=4)
+    before = {name: p.detach().clone() for name, p in _matrices(model).items()}
+    params = _matrices(model)
+    tok = type("Tok", (), {"pad_token_id": 0, "eos_token_id": 1})()
+    seen: list[tuple[bool, bool, bool]] = []
+
+    def look(*_):
+        attn = model.model.layers[1].self_attn
+        shared = attn.q_proj.weight.untyped_storage().data_ptr() == attn.v_proj.weight.untyped_storage().data_ptr()
+        seen.append((attn.q_proj.weight.is_contiguous(), shared, model.lm_head.weight.is_contiguous()))
+
+    cfg = GenConfig(temperature=1.0, max_new_tokens=4, num_samples=1, batch_size=2)
+    generate(model, tok, PROMPTS, cfg, seed=0, on_step=look)
+    assert seen and all(view == (False, True, False) for view in seen)  # q, k, v in one buffer while decoding
+    for name, p in _matrices(model).items():
+        assert p is params[name] and p.is_contiguous() and torch.equal(p, before[name]), name
+    assert all(p.untyped_storage().data_ptr() != q.untyped_storage().data_ptr()
+               for a, p in _matrices(model).items() for b, q in _matrices(model).items() if a < b)
+
+    def fail(*_):
+        raise RuntimeError("listener gave up")
+
+    with pytest.raises(RuntimeError, match="gave up"):
+        generate(model, tok, PROMPTS, cfg, seed=0, on_step=fail)
+    for name, p in _matrices(model).items():
+        assert p.is_contiguous() and torch.equal(p, before[name]), name
+
+
+def test_tied_embeddings_and_weights_that_are_views_decode_right():
+    """A tied LM head is the embedding matrix (laid out once, read by both); a weight that is a view of a larger
+    storage (as under FSDP) is copied, not moved, and left exactly as it was."""
+    model = llama(2, seed=5, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    flat = torch.cat([p.detach().flatten() for p in (model.model.layers[0].self_attn.q_proj.weight,
+                                                      model.model.layers[0].self_attn.k_proj.weight)])
+    q = model.model.layers[0].self_attn.q_proj.weight
+    q.data = flat[: q.numel()].view_as(q)  # q now a view into `flat`
+    tok = type("Tok", (), {"pad_token_id": 0, "eos_token_id": 1})()
+    cfg = dict(temperature=1.0, max_new_tokens=8, num_samples=2, batch_size=4)
+    fast = generate(model, tok, PROMPTS, GenConfig(**cfg, backend="auto"), seed=2)
+    slow = generate(model, tok, PROMPTS, GenConfig(**cfg, backend="transformers"), seed=2)
+    assert torch.equal(fast.response_ids, slow.response_ids)
+    assert (fast.logprobs - slow.logprobs).abs().max() <= 1e-5
+    assert q.data.data_ptr() == flat.data_ptr() and model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight.is_contiguous()
+
+
+def test_training_after_generation_is_training_without_it():
+    """The borrowed layout is fully given back: a fused AdamW step after a generate call matches the same step
+    on a twin model that never generated, exactly."""
+    twins = [llama(2, seed=6), llama(2, seed=6)]
+    tok = type("Tok", (), {"pad_token_id": 0, "eos_token_id": 1})()
+    generate(twins[0], tok, PROMPTS, GenConfig(temperature=1.0, max_new_tokens=5, num_samples=2, batch_size=4), seed=1)
+    ids, mask = left_pad(PROMPTS, 0)
+    for model in twins:
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+        model(input_ids=ids, attention_mask=mask).logits.pow(2).mean().backward()
+        optimizer.step()
+    for (name, a), (_, b) in zip(twins[0].named_parameters(), twins[1].named_parameters(), strict=True):
+        assert torch.equal(a, b), name

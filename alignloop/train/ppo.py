@@ -363,21 +363,33 @@ def rollout_forward(models: PPOModels, ids: torch.Tensor, mask: torch.Tensor, pr
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def minibatch_loss(models: PPOModels, exp: Experience, idx: torch.Tensor, cfg: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Policy loss + vf_coef * value loss of rows `idx`, with the stats under their logged names."""
+def policy_minibatch_loss(models: PPOModels, exp: Experience, idx: torch.Tensor, cfg: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped policy loss of rows `idx`, with its stats under their logged names."""
     ids, mask, real = exp.input_ids[idx], exp.attention_mask[idx], exp.response_mask[idx]
     logprobs, _ = policy_forward(models.policy, ids, mask, exp.prompt_width)  # (B, R)
-    values = critic_values(models.critic, ids, mask, exp.prompt_width)  # (B, R)
     old = exp.old_logprobs[idx]
     policy_loss, stats = ppo_policy_loss(logprobs, old, exp.advantages[idx], real, cfg.clip_range, cfg.dual_clip or None)
-    vf_loss, value_stats = value_loss(values, exp.old_values[idx], exp.returns[idx], real, cfg.clip_range_value)
     with torch.no_grad():
         ratio_dev = torch.where(real.bool(), torch.expm1(logprobs - old).abs(), torch.zeros_like(old)).max()
+    stats.update({"ppo/policy/loss": policy_loss.detach(), "ppo/check/ratio_dev": ratio_dev})
+    return policy_loss, stats
+
+
+def value_minibatch_loss(models: PPOModels, exp: Experience, idx: torch.Tensor, cfg: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """vf_coef x clipped value loss of rows `idx`, with its stats under their logged names."""
+    ids, mask, real = exp.input_ids[idx], exp.attention_mask[idx], exp.response_mask[idx]
+    values = critic_values(models.critic, ids, mask, exp.prompt_width)  # (B, R)
+    vf_loss, stats = value_loss(values, exp.old_values[idx], exp.returns[idx], real, cfg.clip_range_value)
+    with torch.no_grad():
         value_dev = torch.where(real.bool(), (values - exp.old_values[idx]).abs(), torch.zeros_like(values)).max()
-    stats.update(value_stats)
-    stats.update({"ppo/policy/loss": policy_loss.detach(), "ppo/value/loss": vf_loss.detach(),
-                  "ppo/check/ratio_dev": ratio_dev, "ppo/check/value_dev": value_dev})
-    return policy_loss + cfg.vf_coef * vf_loss, stats
+    stats.update({"ppo/value/loss": vf_loss.detach(), "ppo/check/value_dev": value_dev})
+    return cfg.vf_coef * vf_loss, stats
+
+
+MINIBATCH_LOSSES = (policy_minibatch_loss, value_minibatch_loss)
+"""The two terms of PPO's loss, policy + vf_coef x value. The models share no parameter, so backpropagating each
+term right after its own forward gives the gradients of the sum exactly, and the policy's activations are
+freed before the critic's are made (peak memory holds one model's activations, not both)."""
 
 
 def check_first_minibatch(stats: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -450,13 +462,15 @@ def ppo_update(cfg: PPOConfig, models: PPOModels, exp: Experience, optimizers: d
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(exp.input_ids.shape[0], generator=shuffle).to(exp.input_ids.device)
         for idx in perm.split(cfg.minibatch_size):
-            with acc.autocast():
-                loss, stats = minibatch_loss(models, exp, idx, cfg)
+            poison = runtime.test_hooks(step + 1, taken)  # kill here: `taken` optimizer steps into the update
+            stats: dict[str, torch.Tensor] = {}
+            for minibatch_loss in MINIBATCH_LOSSES:
+                with acc.autocast():
+                    loss, part = minibatch_loss(models, exp, idx, cfg)
+                stats.update(part)
+                (loss * float("inf") if poison else loss).backward()
             if taken == 0:
                 checks = check_first_minibatch(stats)
-            if runtime.test_hooks(step + 1, taken):  # kill here: `taken` optimizer steps into the update
-                loss = loss * float("inf")
-            loss.backward()
             norms = {name: torch.nn.utils.clip_grad_norm_(getattr(models, name).parameters(),
                                                           clip[name] if clip[name] > 0 else float("inf"))
                      for name in ("policy", "critic")}

@@ -218,8 +218,8 @@ def test_T7g_masked_positions_and_rows_give_zero_gradient(assets, tmp_path):
     def grads(e: ppo.Experience) -> list[torch.Tensor]:
         for m in (models.policy, models.critic):
             m.zero_grad(set_to_none=True)
-        loss, _ = ppo.minibatch_loss(models, e, torch.arange(4), cfg)
-        loss.backward()
+        for minibatch_loss in ppo.MINIBATCH_LOSSES:
+            minibatch_loss(models, e, torch.arange(4), cfg)[0].backward()
         return [p.grad.clone() for m in (models.policy, models.critic) for p in m.parameters()]
 
     reference = grads(exp)
@@ -235,6 +235,35 @@ def test_T7g_masked_positions_and_rows_give_zero_gradient(assets, tmp_path):
     assert not torch.equal(noisy.input_ids, exp.input_ids)
     for a, b in zip(reference, grads(noisy), strict=True):
         assert torch.allclose(a, b, atol=1e-7, rtol=0)
+
+
+def test_policy_and_value_terms_backpropagated_apart_give_the_joint_gradients(assets, tmp_path):
+    """The update backpropagates each loss term right after its forward (one model's activations alive at a
+    time); the gradients must be those of policy loss + vf_coef x value loss in one backward, bit for bit."""
+    cfg = config(assets, tmp_path / "run")
+    models = ppo.build_models(cfg, torch.device("cpu"))
+    models.reference = copy.deepcopy(models.policy)
+    prompts = [models.tokenizer.encode("river stone blue"), models.tokenizer.encode("north")]
+    rollout = generate(models.policy, models.tokenizer, prompts * 2, copy.copy(cfg.gen), seed=1)
+    exp, _ = ppo.prepare_experience(cfg, models, rollout, torch.tensor([1.0, -0.5, 0.5, 0.2] * 2), 0.05, torch.device("cpu"))
+    idx = torch.tensor([2, 0, 3])
+
+    def grads(joint: bool) -> list[torch.Tensor]:
+        for m in (models.policy, models.critic):
+            m.zero_grad(set_to_none=True)
+        losses = [loss(models, exp, idx, cfg)[0] for loss in ppo.MINIBATCH_LOSSES] if joint else []
+        if joint:
+            (losses[0] + losses[1]).backward()
+        else:
+            for loss in ppo.MINIBATCH_LOSSES:
+                loss(models, exp, idx, cfg)[0].backward()
+        return [p.grad.clone() for m in (models.policy, models.critic) for p in m.parameters()]
+
+    apart, joint = grads(False), grads(True)
+    assert any(g.abs().sum() > 0 for g in apart[: len(list(models.policy.parameters()))])
+    assert any(g.abs().sum() > 0 for g in apart[len(list(models.policy.parameters())):])
+    for a, b in zip(apart, joint, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_T7h_kl_breach_halts_before_training_on_it(assets, tmp_path):
