@@ -94,25 +94,31 @@ class DecodeWeights:
         silu = getattr(base.config, "hidden_act", None) == "silu"
         self._relaid: list[list[Any]] = []  # per entry of `layers` (then the LM head): the modules laid out again
         self.layers: list[tuple[torch.Tensor, ...] | None] = []
-        for layer in base.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            groups = ((attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,))
-            if not silu or not all(_plain_linear(m) for group in groups for m in group):
+        self.lm_head: torch.Tensor | None = None
+        try:
+            for layer in base.model.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                groups = ((attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj),
+                          (mlp.down_proj,))
+                relaid: list[Any] = []
+                self._relaid.append(relaid)  # recorded as each group moves, so a failure part-way can be undone
                 self.layers.append(None)
-                self._relaid.append([])
-                continue
-            relaid: list[Any] = []
-            matrices = []
-            for group in groups:
-                relay = all(_owns_its_storage(m.weight) for m in group)
-                matrices.append(_fused(group, relay))
-                relaid.extend(group if relay else ())
-            self.layers.append(tuple(matrices))
-            self._relaid.append(relaid)
-        head = base.lm_head
-        relay_head = _plain_linear(head) and _owns_its_storage(head.weight)
-        self.lm_head = _fused((head,), relay_head) if _plain_linear(head) else None
-        self._relaid.append([head] if relay_head else [])
+                if not silu or not all(_plain_linear(m) for group in groups for m in group):
+                    continue
+                matrices = []
+                for group in groups:
+                    relay = all(_owns_its_storage(m.weight) for m in group)
+                    matrices.append(_fused(group, relay))  # fails, if at all, allocating: before moving any weight
+                    relaid.extend(group if relay else ())
+                self.layers[-1] = tuple(matrices)
+            head = base.lm_head
+            relay_head = _plain_linear(head) and _owns_its_storage(head.weight)
+            self._relaid.append([])
+            self.lm_head = _fused((head,), relay_head) if _plain_linear(head) else None
+            self._relaid[-1].extend([head] if relay_head else [])
+        except BaseException:
+            self.release()  # the model keeps its own layout whatever happened (out of memory, an interrupt)
+            raise
 
     def release(self) -> None:
         """Give every laid-out parameter back its contiguous (out, in) layout; the fused matrices are dropped

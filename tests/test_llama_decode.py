@@ -167,3 +167,23 @@ def test_training_after_generation_is_training_without_it():
         optimizer.step()
     for (name, a), (_, b) in zip(twins[0].named_parameters(), twins[1].named_parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_failure_while_laying_out_leaves_the_model_as_it_was(monkeypatch):
+    """Out of memory part-way through (here: the fifth fused matrix) must not leave weights as views."""
+    model = llama(2, seed=7)
+    before = {name: p.detach().clone() for name, p in _matrices(model).items()}
+    real, calls = llama_decode._fused, []
+
+    def fail_on_fifth(group, relay):
+        calls.append(relay)
+        if len(calls) == 5:
+            raise MemoryError("no room for the fused matrix")
+        return real(group, relay)
+
+    monkeypatch.setattr(llama_decode, "_fused", fail_on_fifth)
+    with pytest.raises(MemoryError):
+        llama_decode.DecodeWeights(model)
+    assert calls[:4] == [True] * 4  # the first layer had been moved
+    for name, p in _matrices(model).items():
+        assert p.is_contiguous() and torch.equal(p, before[name]), name
