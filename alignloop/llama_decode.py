@@ -61,14 +61,21 @@ def _owns_its_storage(weight: torch.Tensor) -> bool:
             and storage.nbytes() == data.numel() * data.element_size())
 
 
-def _fused(modules: tuple[Any, ...], relay: bool) -> torch.Tensor:
-    """The modules' weights stacked on the output axis and stored (in, out), contiguous. With `relay`, each
-    weight then becomes a view of its block (same shape and values, strides (1, sum of outs)) and its old
-    storage is freed, so the fused matrix costs no memory of its own."""
+def compute_dtype(param: torch.Tensor) -> torch.dtype:
+    """The dtype products run in: autocast's where it is on for the parameter's device, else the parameter's."""
+    device = param.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else param.dtype
+
+
+def _fused(modules: tuple[Any, ...], relay: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The modules' weights stacked on the output axis and stored (in, out), contiguous, in `dtype`. With
+    `relay` (only where `dtype` is the weights'), each weight then becomes a view of its block (same shape and
+    values, strides (1, sum of outs)) and its old storage is freed, so the fused matrix costs no memory of its
+    own."""
     with torch.no_grad():
         weight = modules[0].weight
         out = torch.empty((weight.shape[1], sum(m.weight.shape[0] for m in modules)),
-                          dtype=weight.dtype, device=weight.device)  # (in, sum of outs)
+                          dtype=dtype, device=weight.device)  # (in, sum of outs)
         start = 0
         for m in modules:
             rows = m.weight.shape[0]
@@ -85,13 +92,17 @@ class DecodeWeights:
     A layer whose projections are not all plain bias-free Linears (LoRA adapters, biases) gets None and runs
     module by module. Parameters that own their storage are laid out as views of these matrices rather than
     copied (the model's weights stay in memory once); `release()` makes each contiguous (out, in) again, layer
-    by layer, so memory never holds a second model either way. Built per call, never cached: optimizers
-    (fused AdamW) update weights in place unseen, and training must see its usual layout.
+    by layer, so memory never holds a second model either way. Under autocast the matrices are cast copies in
+    autocast's dtype, made once per call: autocast would otherwise cast every weight again at every decode step
+    (it caches casts of leaf parameters only, and these matrices are not), which made bf16 generation slower
+    than fp32. Built per call, never cached: optimizers (fused AdamW) update weights in place unseen, and
+    training must see its usual layout.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         base = _base(model)
         silu = getattr(base.config, "hidden_act", None) == "silu"
+        dtype = compute_dtype(next(base.parameters()))
         self._relaid: list[list[Any]] = []  # per entry of `layers` (then the LM head): the modules laid out again
         self.layers: list[tuple[torch.Tensor, ...] | None] = []
         self.lm_head: torch.Tensor | None = None
@@ -107,14 +118,14 @@ class DecodeWeights:
                     continue
                 matrices = []
                 for group in groups:
-                    relay = all(_owns_its_storage(m.weight) for m in group)
-                    matrices.append(_fused(group, relay))  # fails, if at all, allocating: before moving any weight
+                    relay = all(_owns_its_storage(m.weight) and m.weight.dtype == dtype for m in group)
+                    matrices.append(_fused(group, relay, dtype))  # fails, if at all, allocating: before moving any weight
                     relaid.extend(group if relay else ())
                 self.layers[-1] = tuple(matrices)
             head = base.lm_head
-            relay_head = _plain_linear(head) and _owns_its_storage(head.weight)
+            relay_head = _plain_linear(head) and _owns_its_storage(head.weight) and head.weight.dtype == dtype
             self._relaid.append([])
-            self.lm_head = _fused((head,), relay_head) if _plain_linear(head) else None
+            self.lm_head = _fused((head,), relay_head, dtype) if _plain_linear(head) else None
             self._relaid[-1].extend([head] if relay_head else [])
         except BaseException:
             self.release()  # the model keeps its own layout whatever happened (out of memory, an interrupt)
@@ -157,10 +168,7 @@ class LlamaDecoder:
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         param = next(base.parameters())
-        device = param.device
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") and device.type == "cpu" else param.dtype
-        if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-            dtype = torch.get_autocast_dtype("cuda")
+        device, dtype = param.device, compute_dtype(param)
         shape = (len(self.layers), batch, self.kv_heads, max_len, self.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, Hkv, T, D)
         self.values = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, Hkv, T, D)

@@ -175,11 +175,11 @@ def test_a_failure_while_laying_out_leaves_the_model_as_it_was(monkeypatch):
     before = {name: p.detach().clone() for name, p in _matrices(model).items()}
     real, calls = llama_decode._fused, []
 
-    def fail_on_fifth(group, relay):
+    def fail_on_fifth(group, relay, dtype):
         calls.append(relay)
         if len(calls) == 5:
             raise MemoryError("no room for the fused matrix")
-        return real(group, relay)
+        return real(group, relay, dtype)
 
     monkeypatch.setattr(llama_decode, "_fused", fail_on_fifth)
     with pytest.raises(MemoryError):
@@ -187,3 +187,26 @@ def test_a_failure_while_laying_out_leaves_the_model_as_it_was(monkeypatch):
     assert calls[:4] == [True] * 4  # the first layer had been moved
     for name, p in _matrices(model).items():
         assert p.is_contiguous() and torch.equal(p, before[name]), name
+
+
+def test_under_autocast_the_matrices_are_cast_once_per_call_and_give_the_same_logits():
+    """bf16 autocast: the fused matrices are bf16 copies made when the call starts (autocast would otherwise
+    cast every weight again at every decode step), the model's own weights stay where and what they were, and
+    the logits are exactly those of products that autocast casts itself."""
+    model = llama(2, seed=5)
+    ids, mask = left_pad(PROMPTS, 0)
+    values = {name: p.detach().clone() for name, p in _matrices(model).items()}
+    with llama_decode.decode_weights(model) as per_step:  # built outside autocast: float32, cast by every product
+        assert per_step.lm_head is not None and per_step.lm_head.dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = llama_decode.LlamaDecoder(model, 3, ids.shape[1] + 1, per_step).prefill(ids, mask)
+    addresses = {name: p.data_ptr() for name, p in _matrices(model).items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16), llama_decode.decode_weights(model) as once:
+        assert once.lm_head is not None and once.lm_head.dtype == torch.bfloat16
+        assert all(m.dtype == torch.bfloat16 for layer in once.layers if layer is not None for m in layer)
+        for name, p in _matrices(model).items():  # copies: nothing borrowed, nothing moved
+            assert p.dtype == torch.float32 and p.data_ptr() == addresses[name]
+        got = llama_decode.LlamaDecoder(model, 3, ids.shape[1] + 1, once).prefill(ids, mask)
+    assert torch.equal(got, expected)
+    for name, p in _matrices(model).items():
+        assert p.is_contiguous() and torch.equal(p, values[name])
