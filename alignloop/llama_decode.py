@@ -62,9 +62,11 @@ def _owns_its_storage(weight: torch.Tensor) -> bool:
 
 
 def compute_dtype(param: torch.Tensor) -> torch.dtype:
-    """The dtype products run in: autocast's where it is on for the parameter's device, else the parameter's."""
+    """The dtype products run in: autocast's where it is on for the parameter's device (it leaves float64
+    alone), else the parameter's."""
     device = param.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else param.dtype
+    casts = torch.is_autocast_enabled(device) and param.is_floating_point() and param.dtype != torch.float64
+    return torch.get_autocast_dtype(device) if casts else param.dtype
 
 
 def _fused(modules: tuple[Any, ...], relay: bool, dtype: torch.dtype) -> torch.Tensor:
