@@ -155,7 +155,8 @@ class RunConfig:
     deterministic: bool = False
     """Use deterministic algorithms only (slower on GPU; CPU is deterministic already)."""
     mixed_precision: Literal["no", "bf16"] = "no"
-    """bf16 autocast with fp32 master weights; refused on a CPU without native bf16."""
+    """bf16 autocast with fp32 master weights; refused on a CPU without native bf16. Native is not fast: an
+    AVX-512 CPU without AMX ran bf16 products at half its fp32 rate, and every workload slower (docs/benchmarks.md)."""
     log_every: int = 10
     """Optimizer steps between metric lines."""
     eval_every: int = 100
