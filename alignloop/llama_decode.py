@@ -8,9 +8,10 @@ in place into one (layers, B, kv_heads, P + R, head_dim) buffer, one boolean key
 `scaled_dot_product_attention` with grouped heads, the LM head on the last position only, and plain
 projections multiplied as fused, transposed matrices (q/k/v in one product, gate/up in one): a decode step
 multiplies 16-odd rows by every matrix, and on the Intel Xeons we measured `F.linear`'s (out, in) layout is
-several times slower for that than (in, out) (on an AVX2 AMD EPYC the two are level: docs/benchmarks.md). Those matrices are not copies where that can be avoided: `DecodeWeights` lays each
-parameter out again as a view of its fused matrix for one `generate` call and puts it back afterwards, so
-generation needs no second model's worth of memory. It reproduces the transformers forward to float rounding
+several times slower for that than (in, out) (on an AVX2 AMD EPYC the two are level: docs/benchmarks.md).
+Those matrices are not copies where that can be avoided: `DecodeWeights` lays each parameter out again as
+a view of its fused matrix for one `generate` call and puts it back afterwards, so generation needs no second
+model's worth of memory. It reproduces the transformers forward to float rounding
 (tests compare logits); `supports()` says when it applies, and everything else takes the transformers path.
 """
 

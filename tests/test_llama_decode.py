@@ -210,3 +210,16 @@ def test_under_autocast_the_matrices_are_cast_once_per_call_and_give_the_same_lo
     assert torch.equal(got, expected)
     for name, p in _matrices(model).items():
         assert p.is_contiguous() and torch.equal(p, values[name])
+
+
+def test_autocast_leaves_a_float64_model_in_float64():
+    """Autocast does not cast float64, so neither may the decoder: its matrices and cache stay float64."""
+    model = llama(seed=6).double()
+    ids, mask = left_pad(PROMPTS, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16), llama_decode.decode_weights(model) as weights:
+        assert weights.lm_head is not None and weights.lm_head.dtype == torch.float64
+        decoder = llama_decode.LlamaDecoder(model, 3, ids.shape[1] + 1, weights)
+        assert decoder.keys.dtype == torch.float64
+        got = decoder.prefill(ids, mask)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, reference_logits(model, ids, mask), atol=1e-10, rtol=0)
